@@ -1,0 +1,219 @@
+"""Delivering one payload (or one batch) to one destination, journalled step by step.
+
+    staging(tmp) → [stage: stream+hash → flush] → renaming(sha256) → [commit: rename]
+    → signalling → [signals, batch marker last] → delivered (+ history row)
+
+A crash at any point leaves a journal state that says exactly what to redo
+(:func:`recover`). The content identity is the sha256 computed while streaming; a
+declared digest that differs sends the file back to waiting (DigestMismatch).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from relay.destinations.base import Destination
+from relay.errors import DigestMismatch, PermanentError, RetryableError, SourceVanished
+from relay.journal import Delivery, FileRow, Journal
+from relay.logs import get_logger
+from relay.metrics import METRICS
+from relay.readiness import Declared
+from relay.rules import Route
+
+__all__ = ["Member", "Outcome", "backoff", "deliver_to", "signal_body"]
+
+log = get_logger()
+
+
+@dataclass(frozen=True)
+class Member:
+    """One payload of a job: its source-relative path and what it must hash to."""
+
+    rel: str
+    declared: Declared | None
+
+
+@dataclass
+class Outcome:
+    """How one destination's attempt ended."""
+
+    state: str  # delivered | retry_wait | failed | mismatch | vanished
+    error: str | None = None
+    next_try_at: float | None = None
+
+
+def backoff(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff with full jitter: uniform(base/2, min(cap, base·2^(attempt-1)))."""
+    high = min(cap, base * (2 ** max(0, attempt - 1)))
+    return random.uniform(min(base / 2, high), high)
+
+
+def signal_body(target: str, sha256: str) -> bytes:
+    """GNU coreutils form, so ``sha256sum -c`` and relay itself both accept it."""
+    return f"{sha256}  {PurePosixPath(target).name}\n".encode()
+
+
+async def deliver_to(
+    journal: Journal,
+    dest: Destination,
+    row: FileRow,
+    route: Route,
+    src_root: Path,
+    members: list[Member],
+    batch_marker: str | None,
+    retry: tuple[float, float, int],
+    progress_interval: float,
+) -> Outcome:
+    """Bring every member of ``row`` to ``dest``. Never raises TransferError: the outcome
+    (and the journal) say what happened."""
+    by_member = {m.rel: m for m in members}
+    rows = [d for d in journal.deliveries(row.id) if d.destination == dest.name]
+    todo = [d for d in rows if d.state not in ("delivered", "failed")]
+    if not todo:
+        return Outcome("delivered")
+    current: Delivery | None = None
+    try:
+        # 1. stage every member not staged yet (a batch is staged whole before any rename)
+        for d in todo:
+            if d.state in ("renaming", "signalling"):
+                continue
+            current = d
+            m = by_member[d.member]
+            await _stage_one(journal, dest, row, route, src_root, d, m, progress_interval)
+        # 2. rename every staged member onto its final name
+        for d in journal.deliveries(row.id):
+            if d.destination != dest.name or d.state != "renaming":
+                continue
+            current = d
+            assert d.tmp is not None
+            if not await dest.finish_commit(d.target, d.tmp):
+                raise RetryableError(f"temporary {d.tmp} vanished before rename")
+            journal.update_delivery(d.id, state="signalling")
+        # 3. downstream signals: per file, then the batch marker last
+        done: list[Delivery] = []
+        for d in journal.deliveries(row.id):
+            if d.destination != dest.name or d.state != "signalling":
+                continue
+            current = d
+            assert d.sha256 is not None
+            if batch_marker is None:
+                await _write_signals(dest, route, d.target, d.sha256)
+            done.append(d)
+        if batch_marker is not None and done:
+            await dest.put_signal(batch_marker, b"")
+        for d in done:
+            assert d.sha256 is not None
+            journal.mark_delivered(d, route.name, d.sha256)
+            METRICS.files_delivered.labels(route.name, dest.name).inc()
+            METRICS.bytes_delivered.labels(route.name, dest.name).inc(d.size or 0)
+            log.info("file_delivered", file=d.member, route=route.name,
+                     destination=dest.name, target=d.target, bytes=d.size, sha256=d.sha256)
+        return Outcome("delivered")
+    except DigestMismatch as exc:
+        METRICS.digest_mismatches.labels(route.name).inc()
+        for d in journal.deliveries(row.id, "staging"):
+            if d.destination == dest.name:
+                journal.update_delivery(d.id, state="pending", acked=0)
+        return Outcome("mismatch", str(exc))
+    except SourceVanished as exc:
+        if current is not None:
+            journal.update_delivery(current.id, state="pending", last_error=str(exc))
+        return Outcome("vanished", str(exc))
+    except PermanentError as exc:
+        if current is not None:
+            journal.update_delivery(current.id, state="failed", last_error=str(exc))
+        METRICS.files_failed.labels(route.name, dest.name).inc()
+        log.error("delivery_failed", file=row.rel, route=route.name, destination=dest.name,
+                  error=str(exc), permanent=True)
+        return Outcome("failed", str(exc))
+    except RetryableError as exc:
+        return _retry_or_fail(journal, dest, row, route, current, str(exc), retry)
+
+
+def _retry_or_fail(journal: Journal, dest: Destination, row: FileRow, route: Route,
+                   d: Delivery | None, error: str, retry: tuple[float, float, int]) -> Outcome:
+    base, cap, max_attempts = retry
+    if d is None:
+        return Outcome("retry_wait", error, time.time() + base)
+    fresh = next(x for x in journal.deliveries(row.id) if x.id == d.id)
+    if fresh.attempts >= max_attempts:
+        journal.update_delivery(d.id, state="failed", last_error=error, next_try_at=None)
+        METRICS.files_failed.labels(route.name, dest.name).inc()
+        log.error("delivery_failed", file=d.member, route=route.name, destination=dest.name,
+                  attempt=fresh.attempts, error=error)
+        return Outcome("failed", error)
+    delay = backoff(fresh.attempts, base, cap)
+    next_try = time.time() + delay
+    state = "renaming" if fresh.state in ("renaming", "signalling") else "retry_wait"
+    if fresh.state == "signalling":
+        state = "signalling"
+    journal.update_delivery(d.id, state=state, last_error=error, next_try_at=next_try)
+    METRICS.retries.labels(dest.name).inc()
+    log.warning("delivery_retry_scheduled", file=d.member, route=route.name,
+                destination=dest.name, attempt=fresh.attempts, error=error,
+                retry_in_s=round(delay, 3))
+    return Outcome("retry_wait", error, next_try)
+
+
+async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: Route,
+                     src_root: Path, d: Delivery, m: Member, progress_interval: float) -> None:
+    from relay.destinations.base import temp_name
+
+    tmp = temp_name(dest.rule, d.target)
+    journal.update_delivery(d.id, state="staging", tmp=tmp, attempts=d.attempts + 1,
+                            next_try_at=None)
+    algos = (m.declared.algo,) if m.declared else ()
+    started = time.monotonic()
+    last_log = [started]
+
+    def progress(acked: int) -> None:
+        now = time.monotonic()
+        if now - last_log[0] >= progress_interval:
+            last_log[0] = now
+            rate = acked / max(now - started, 1e-6)
+            log.info("transfer_progress", file=m.rel, destination=dest.name, bytes=acked,
+                     rate_mb_s=round(rate / 1e6, 1))
+
+    staged = await dest.stage(src_root / m.rel, d.target, algos, d.acked, progress)
+    if staged.fallbacks:
+        METRICS.resume_fallbacks.labels(dest.name).inc(staged.fallbacks)
+        journal.update_delivery(d.id, fallbacks=d.fallbacks + staged.fallbacks)
+    sha = staged.digests["sha256"]
+    expected = m.declared.hexdigest if m.declared else None
+    computed = staged.digests[m.declared.algo] if m.declared else None
+    if expected is not None and computed != expected:
+        await dest.discard(staged.tmp)
+        raise DigestMismatch(expected, computed or "")
+    if row.kind == "file" and row.sha256 and row.sha256 != sha:
+        # Another destination already took this generation with other bytes: the file
+        # changed between streams. Never fan out two versions under one generation.
+        await dest.discard(staged.tmp)
+        raise DigestMismatch(row.sha256, sha)
+    if row.kind == "file" and not row.sha256:
+        journal.update_file(row.id, sha256=sha, size=staged.size)
+        row.sha256 = sha
+    if journal.already_delivered(route.name, dest.name, m.rel, sha):
+        await dest.discard(staged.tmp)
+        journal.mark_delivered(d, route.name, sha)
+        METRICS.duplicates.labels(route.name, dest.name).inc()
+        log.info("delivery_skipped_duplicate", file=m.rel, route=route.name,
+                 destination=dest.name, sha256=sha)
+        return
+    # Committed before the rename it allows: a crash after this line finishes the rename.
+    journal.update_delivery(d.id, state="renaming", sha256=sha, size=staged.size,
+                            acked=staged.size)
+    METRICS.transfer_seconds.labels(dest.name).observe(time.monotonic() - started)
+    log.info("file_staged", file=m.rel, destination=dest.name, tmp=staged.tmp,
+             bytes=staged.size, sha256=sha, resumed_from=staged.resumed_from,
+             duration_ms=round((time.monotonic() - started) * 1000, 1))
+
+
+async def _write_signals(dest: Destination, route: Route, target: str, sha256: str) -> None:
+    body = signal_body(target, sha256)
+    if route.signal in ("sha256", "both"):
+        await dest.put_signal(target + ".sha256", body)
+    if route.signal in ("marker", "both"):
+        await dest.put_signal(target + route.marker_suffix, body)

@@ -1,0 +1,211 @@
+"""``file://`` destinations: a directory on a local (or mounted) filesystem.
+
+Stream + hash into ``.X.tmp`` → fsync file → rename(2) → fsync directory. Library errors
+(OSError) are translated here, once, into the relay error tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from relay.destinations.base import Progress, Staged, temp_name
+from relay.errors import PermanentError, RetryableError, SourceVanished, UnsafePathError
+from relay.hashing import CHUNK, MultiHash
+from relay.rules import DestinationRule
+
+__all__ = ["LocalDestination", "file_url_root"]
+
+_PROGRESS_EVERY = 8 * CHUNK
+
+
+def file_url_root(url: str) -> Path:
+    """``file:///abs/dir`` → /abs/dir; ``file:relative/dir`` → relative/dir (to the CWD)."""
+    parts = urlsplit(url)
+    path = unquote(parts.path)
+    if parts.netloc not in ("", "localhost"):
+        path = parts.netloc + path  # file://./out → ./out
+    return Path(path)
+
+
+@contextmanager
+def _translate(what: str) -> Iterator[None]:
+    try:
+        yield
+    except FileNotFoundError as exc:
+        raise RetryableError(f"{what}: {exc.strerror}: {exc.filename}") from exc
+    except OSError as exc:
+        reason = {errno.ENOSPC: "disk full", errno.EDQUOT: "quota exceeded",
+                  errno.EACCES: "permission denied", errno.EROFS: "read-only filesystem"
+                  }.get(exc.errno or 0, exc.strerror or str(exc))
+        raise RetryableError(f"{what}: {reason}") from exc
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalDestination:
+    """A directory tree reached through the local filesystem."""
+
+    def __init__(self, rule: DestinationRule) -> None:
+        self.name = rule.name
+        self.rule = rule
+        self.root = file_url_root(rule.url).absolute()
+
+    async def start(self) -> None:
+        with _translate(f"destination root {self.root}"):
+            st = os.stat(self.root)
+        if not os.path.isdir(self.root):
+            raise PermanentError(f"destination root {self.root} is not a directory ({st})")
+
+    async def close(self) -> None:
+        return None
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _path(self, rel: str) -> Path:
+        """Join ``rel`` under the root, refusing to pass through symlinks that leave it."""
+        full = self.root / rel
+        real_root = os.path.realpath(self.root)
+        real_parent = os.path.realpath(full.parent)
+        if os.path.commonpath([real_root, real_parent]) != real_root:
+            raise PermanentError(str(UnsafePathError(f"{rel} resolves outside {self.root}")))
+        return full
+
+    def _makedirs(self, d: Path) -> None:
+        missing = []
+        while not d.exists():
+            missing.append(d)
+            d = d.parent
+        for m in reversed(missing):
+            try:
+                os.mkdir(m)
+            except FileExistsError:
+                continue
+            if self.rule.fsync:
+                _fsync_dir(m.parent)
+
+    # -- protocol ----------------------------------------------------------------------
+
+    async def stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
+                    progress: Progress) -> Staged:
+        return await asyncio.to_thread(self._stage, src, target, algos, acked, progress)
+
+    def _stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
+               progress: Progress) -> Staged:
+        tmp = temp_name(self.rule, target)
+        tmp_path = self._path(tmp)
+        fallbacks = 0
+        with _translate(f"staging {target}"):
+            self._makedirs(tmp_path.parent)
+            self._makedirs(self._path(target).parent)
+            if acked and tmp_path.exists():
+                # A local partial is cheap to rewrite; never trust or append to it.
+                fallbacks = 1
+        try:
+            fd_src = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SourceVanished(f"cannot read source {src}: {exc.strerror}") from exc
+        try:
+            with _translate(f"writing {tmp}"):
+                fd_dst = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                 0o644)
+                try:
+                    size = self._copy(fd_src, fd_dst, MultiHash(algos), progress)
+                finally:
+                    os.close(fd_dst)
+        except BaseException:
+            self._unlink(tmp_path)
+            raise
+        finally:
+            os.close(fd_src)
+        size_, digests = size
+        return Staged(target=target, tmp=tmp, size=size_, digests=digests, fallbacks=fallbacks)
+
+    def _copy(self, fd_src: int, fd_dst: int, mh: MultiHash,
+              progress: Progress) -> tuple[int, dict[str, str]]:
+        buf = bytearray(CHUNK)
+        view = memoryview(buf)
+        total = 0
+        next_report = _PROGRESS_EVERY
+        while True:
+            n = os.readv(fd_src, [buf])
+            if not n:
+                break
+            chunk = view[:n]
+            mh.update(chunk)
+            written = 0
+            while written < n:
+                written += os.write(fd_dst, chunk[written:])
+            total += n
+            if total >= next_report:
+                progress(total)
+                next_report = total + _PROGRESS_EVERY
+        if self.rule.fsync:
+            os.fsync(fd_dst)
+        if os.fstat(fd_dst).st_size != total:
+            raise RetryableError(f"size check failed: wrote {total} bytes, file has "
+                                 f"{os.fstat(fd_dst).st_size}")
+        progress(total)
+        return total, mh.hexdigests()
+
+    async def commit(self, staged: Staged) -> None:
+        await asyncio.to_thread(self._rename, staged.tmp, staged.target)
+
+    def _rename(self, tmp: str, target: str) -> None:
+        src, dst = self._path(tmp), self._path(target)
+        with _translate(f"renaming onto {target}"):
+            os.rename(src, dst)
+            if self.rule.fsync:
+                _fsync_dir(dst.parent)
+                if src.parent != dst.parent:
+                    _fsync_dir(src.parent)
+
+    async def finish_commit(self, target: str, tmp: str) -> bool:
+        def _finish() -> bool:
+            if self._path(tmp).exists():
+                self._rename(tmp, target)
+                return True
+            return self._path(target).exists()
+
+        return await asyncio.to_thread(_finish)
+
+    async def put_signal(self, target: str, data: bytes) -> None:
+        await asyncio.to_thread(self._put_small, target, data)
+
+    def _put_small(self, target: str, data: bytes) -> None:
+        tmp = temp_name(self.rule, target)
+        tmp_path = self._path(tmp)
+        with _translate(f"writing signal {target}"):
+            self._makedirs(tmp_path.parent)
+            self._makedirs(self._path(target).parent)
+            fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            try:
+                os.write(fd, data)
+                if self.rule.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+        self._rename(tmp, target)
+
+    async def discard(self, tmp: str) -> None:
+        await asyncio.to_thread(self._unlink, self._path(tmp))
+
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise RetryableError(f"cannot remove temporary {path}: {exc.strerror}") from exc

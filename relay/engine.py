@@ -1,0 +1,526 @@
+"""The engine: hints → evaluation → journal → delivery jobs → post-action.
+
+One asyncio loop owns the journal. Filesystem hints only mark a path *dirty*; a single
+evaluator re-reads the evidence (readiness.gather) and records the decision; READY files
+become jobs, at most ``concurrency`` at a time, each fanning out to its destinations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from relay.config import Settings
+from relay.delivery import Member, Outcome, deliver_to
+from relay.destinations.base import Destination, open_destination
+from relay.errors import TransferError, UnsafePathError
+from relay.journal import FileRow, Journal
+from relay.logs import get_logger
+from relay.metrics import METRICS, serve
+from relay.paths import compile_glob, render_template, safe_relpath
+from relay.readiness import Declared, classify, gather, gather_batch
+from relay.rules import Route, Rules, SourceRule
+from relay.watcher import SourceWatcher, scan
+
+__all__ = ["Engine", "is_ignored"]
+
+log = get_logger()
+Key = tuple[str, str, str]  # (source, kind "file"|"batch", rel)
+
+
+def is_ignored(src: SourceRule, rel: str) -> bool:
+    return any(compile_glob(g).match(rel) for g in src.ignore)
+
+
+class Engine:
+    def __init__(self, settings: Settings, rules: Rules, journal: Journal) -> None:
+        self.settings = settings
+        self.rules = rules
+        self.journal = journal
+        self.dests: dict[str, Destination] = {
+            d.name: open_destination(d, settings.secrets_dir) for d in rules.destinations}
+        self.dirty: dict[Key, None] = {}
+        self.jobs: dict[int, asyncio.Task[None]] = {}
+        self.deferred: dict[int, Key] = {}
+        self.timers: dict[int, asyncio.TimerHandle] = {}
+        self.seq = 0
+        self.payload_seq: dict[tuple[str, str], int] = {}
+        self.marker_seq: dict[tuple[str, str], int] = {}
+        self.watchers: list[SourceWatcher] = []
+        self.failed = 0
+        self.stopping = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._evaluating = False
+        self._sem = asyncio.Semaphore(settings.concurrency)
+        self._ready = False
+        self._last_reason: dict[int, str] = {}
+
+    # -- hints ---------------------------------------------------------------------------
+
+    def hint(self, source: str, rel: str, kind: str, from_event: bool = True) -> None:
+        """Something happened at ``rel``: look at whatever it speaks for again."""
+        src = self.rules.source(source)
+        if kind == "dir":
+            asyncio.get_running_loop().create_task(self._scan(src, rel))
+            return
+        if is_ignored(src, rel):
+            return
+        what, target = classify(rel, src.ready)
+        if from_event:
+            self.seq += 1
+            if what == "payload":
+                self.payload_seq[(source, target)] = self.seq
+            elif what == "marker":
+                self.marker_seq[(source, target)] = self.seq
+        if what in ("dirmarker", "manifest"):
+            key: Key = (source, "batch", target)
+        else:
+            batch_dir = self._batch_dir(src, target)
+            key = (source, "batch", batch_dir) if batch_dir is not None else (source, "file",
+                                                                              target)
+        self.dirty[key] = None
+        METRICS.queue_depth.set(len(self.dirty))
+        self._wake.set()
+
+    def _batch_dir(self, src: SourceRule, rel: str) -> str | None:
+        marker = src.ready.directory_marker
+        if not marker:
+            return None
+        parts = rel.split("/")[:-1]
+        while True:
+            d = "/".join(parts)
+            if os.path.lexists(src.path / d / marker if d else src.path / marker):
+                return d or "."
+            if not parts:
+                return None
+            parts.pop()
+
+    def _marker_stale(self, source: str, rel: str) -> bool:
+        """The watcher saw the payload change after the marker was last written."""
+        p = self.payload_seq.get((source, rel))
+        return p is not None and p > self.marker_seq.get((source, rel), -1)
+
+    async def _scan(self, src: SourceRule, below: str = "") -> None:
+        try:
+            rels = await asyncio.to_thread(lambda: list(scan(src.path, src.recursive, below)))
+        except OSError as exc:
+            log.error("source_scan_failed", source=src.name, error=str(exc))
+            return
+        for rel in rels:
+            self.hint(src.name, rel, "file", from_event=False)
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    async def _evaluator(self) -> None:
+        while not self.stopping.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            while self.dirty and not self.stopping.is_set():
+                key = next(iter(self.dirty))
+                del self.dirty[key]
+                METRICS.queue_depth.set(len(self.dirty))
+                self._evaluating = True
+                try:
+                    await self.evaluate(key)
+                except Exception as exc:  # one bad file must never stop the engine
+                    log.exception("evaluation_failed", file=key[2], error=str(exc))
+                finally:
+                    self._evaluating = False
+
+    async def evaluate(self, key: Key) -> None:
+        source, kind, rel = key
+        src = self.rules.source(source)
+        if kind == "file":
+            route = self.rules.match(source, rel)
+            if route is None:
+                log.debug("file_unrouted", file=rel, source=source)
+                return
+            ev = await asyncio.to_thread(gather, src.path, rel, src.ready,
+                                         self._marker_stale(source, rel))
+            self._apply(src, route, key, ev.verdict, ev.reason, ev.fingerprint, ev.signal,
+                        ev.declared)
+            return
+        bev = await asyncio.to_thread(gather_batch, src.path, rel, src.ready,
+                                      lambda r: is_ignored(src, r))
+        routes = {self.rules.match(source, m) for m in bev.members}
+        routes.discard(None)
+        if len(routes) > 1:
+            bev.verdict, bev.reason = "invalid", "batch members match different routes"
+        route = next(iter(routes)) if routes else self.rules.match(
+            source, f"{rel}/{src.ready.directory_marker}")
+        if route is None:
+            log.debug("batch_unrouted", file=rel, source=source)
+            return
+        self._apply(src, route, key, bev.verdict, bev.reason, bev.fingerprint,
+                    f"{rel}/{src.ready.directory_marker}", None)
+
+    def _apply(self, src: SourceRule, route: Route, key: Key, verdict: str, reason: str,
+               fp: str, sig: str | None, declared: Declared | None) -> None:
+        _, kind, rel = key
+        j = self.journal
+        row = j.get_file(src.name, rel, kind)
+        if verdict == "gone":
+            if row is not None and row.state in ("seen", "waiting", "quarantined") \
+                    and row.id not in self.jobs:
+                j.delete_file(row.id)
+                log.info("file_forgotten", file=rel, source=src.name, reason=reason)
+            return
+        if row is not None and row.id in self.jobs:
+            self.deferred[row.id] = key  # look again when the running job ends
+            return
+        if row is None:
+            row = j.upsert_file(src.name, rel, kind, route=route.name, state="seen")
+            METRICS.files_seen.labels(route.name).inc()
+            log.info("file_seen", file=rel, source=src.name, route=route.name, kind=kind)
+        elif row.fingerprint == fp and row.state != "seen":
+            if row.state in ("ready", "delivering", "delivered"):
+                self._start_job(row.id)
+            return
+        elif row.state in ("done", "failed", "quarantined"):
+            j.new_generation(row.id, state="seen", route=route.name, sha256=None, size=None,
+                             reason=None, waiting_since=None, ready_at=None)
+            log.info("file_changed", file=rel, source=src.name, route=route.name,
+                     previous_state=row.state)
+            row = j.file_by_id(row.id) or row
+        elif row.state in ("delivering", "delivered"):
+            self._start_job(row.id)
+            return
+        now = time.time()
+        if verdict in ("waiting", "invalid"):
+            j.update_file(row.id, state="waiting", reason=reason, fingerprint=fp, signal=sig,
+                          route=route.name, waiting_since=row.waiting_since or now)
+            if self._last_reason.get(row.id) != reason:
+                self._last_reason[row.id] = reason
+                log.info("file_waiting", file=rel, source=src.name, route=route.name,
+                         reason=reason, invalid=verdict == "invalid")
+            return
+        j.update_file(row.id, state="ready", reason=reason, fingerprint=fp, signal=sig,
+                      route=route.name, ready_at=now,
+                      declared_algo=declared.algo if declared else None,
+                      declared_digest=declared.hexdigest if declared else None)
+        self._last_reason.pop(row.id, None)
+        METRICS.files_ready.labels(route.name).inc()
+        log.info("file_ready", file=rel, source=src.name, route=route.name, signal=sig,
+                 declared=declared.hexdigest if declared else None)
+        self._start_job(row.id)
+
+    # -- jobs ----------------------------------------------------------------------------
+
+    def _start_job(self, file_id: int) -> None:
+        if file_id in self.jobs or self.stopping.is_set():
+            return
+        timer = self.timers.pop(file_id, None)
+        if timer:
+            timer.cancel()
+        task = asyncio.get_running_loop().create_task(self._job(file_id))
+        self.jobs[file_id] = task
+        METRICS.in_flight.set(len(self.jobs))
+
+        def _done(_: asyncio.Task[None]) -> None:
+            self.jobs.pop(file_id, None)
+            METRICS.in_flight.set(len(self.jobs))
+            key = self.deferred.pop(file_id, None)
+            if key is not None and not self.stopping.is_set():
+                self.dirty[key] = None
+                self._wake.set()
+
+        task.add_done_callback(_done)
+
+    async def _job(self, file_id: int) -> None:
+        async with self._sem:
+            row = self.journal.file_by_id(file_id)
+            if row is None or row.state not in ("ready", "delivering", "delivered"):
+                return
+            try:
+                await self._run_job(row)
+            except Exception as exc:
+                log.exception("job_crashed", file=row.rel, error=str(exc))
+                self.journal.update_file(row.id, state="waiting", reason=f"internal: {exc}")
+
+    async def _run_job(self, row: FileRow) -> None:
+        src = self.rules.source(row.source)
+        route = self.rules.route(row.route or "")
+        key: Key = (row.source, row.kind, row.rel)
+        if route is None:
+            self.journal.update_file(row.id, state="waiting", reason="route no longer exists")
+            return
+        members = await self._members(row, src)
+        if members is None:
+            self.journal.update_file(row.id, state="waiting", reason="evidence changed")
+            self.deferred[row.id] = key
+            return
+        if row.state != "delivered":
+            when = datetime.fromtimestamp(row.ready_at or time.time(), UTC)
+            try:
+                plan = [(m.rel, d, render_template(route.path, m.rel, source=src.name,
+                                                   route=route.name, when=when))
+                        for m in members for d in route.to]
+                marker = None
+                if row.kind == "batch":
+                    mrel = safe_relpath(f"{row.rel}/{src.ready.directory_marker}")
+                    marker = render_template(route.path, mrel, source=src.name,
+                                             route=route.name, when=when)
+            except UnsafePathError as exc:
+                self._quarantine(row, route, f"unsafe destination path: {exc}")
+                return
+            self.journal.plan_deliveries(row.id, plan)
+            row = self.journal.file_by_id(row.id) or row
+            retry = (route.retry.base or self.settings.retry_base,
+                     route.retry.cap or self.settings.retry_cap,
+                     route.retry.max_attempts or self.settings.retry_max_attempts)
+            outcomes = await asyncio.gather(*(
+                self._to_dest(row, route, src, members, marker, d, retry) for d in route.to))
+            if not self._settle(row, route, key, outcomes):
+                return
+        await self._post_action(row, src, route, members)
+
+    async def _to_dest(self, row: FileRow, route: Route, src: SourceRule,
+                       members: list[Member], marker: str | None, dname: str,
+                       retry: tuple[float, float, int]) -> Outcome:
+        rows = [d for d in self.journal.deliveries(row.id) if d.destination == dname]
+        due = [d.next_try_at for d in rows if d.state == "retry_wait" and d.next_try_at]
+        if due and max(due) > time.time():
+            return Outcome("retry_wait", rows[0].last_error, max(due))
+        return await deliver_to(self.journal, self.dests[dname], row, route, src.path, members,
+                                marker, retry, self.settings.progress_interval)
+
+    def _settle(self, row: FileRow, route: Route, key: Key, outcomes: list[Outcome]) -> bool:
+        """Record the job's result on the file row; True when every destination has it."""
+        states = {o.state for o in outcomes}
+        j = self.journal
+        if states == {"delivered"}:
+            j.update_file(row.id, state="delivered", reason=None)
+            if row.ready_at:
+                METRICS.signal_latency.labels(route.name).observe(time.time() - row.ready_at)
+            return True
+        if "mismatch" in states or "vanished" in states:
+            why = next(o.error for o in outcomes if o.state in ("mismatch", "vanished"))
+            j.update_file(row.id, state="waiting", reason=f"not complete yet: {why}",
+                          sha256=None, waiting_since=row.waiting_since or time.time())
+            log.info("file_waiting", file=row.rel, route=route.name, reason=why)
+            self.deferred[row.id] = key
+            return False
+        if "retry_wait" in states:
+            when = min(o.next_try_at or time.time() for o in outcomes
+                       if o.state == "retry_wait")
+            j.update_file(row.id, state="delivering",
+                          reason=next(o.error for o in outcomes if o.state == "retry_wait"))
+            delay = max(0.0, when - time.time())
+            self.timers[row.id] = asyncio.get_running_loop().call_later(
+                delay, self._start_job, row.id)
+            if self.settings_once:
+                self.failed += 1
+            return False
+        errors = "; ".join(o.error or "" for o in outcomes if o.state == "failed")
+        j.update_file(row.id, state="failed", reason=errors)
+        self.failed += 1
+        log.error("file_failed", file=row.rel, route=route.name, error=errors)
+        return False
+
+    settings_once = False
+
+    async def _members(self, row: FileRow, src: SourceRule) -> list[Member] | None:
+        if row.kind == "file":
+            declared = (Declared(row.declared_algo, row.declared_digest, row.signal or "")
+                        if row.declared_algo and row.declared_digest else None)
+            return [Member(row.rel, declared)]
+        bev = await asyncio.to_thread(gather_batch, src.path, row.rel, src.ready,
+                                      lambda r: is_ignored(src, r))
+        if bev.verdict != "ready":
+            return None
+        return [Member(rel, decl) for rel, decl in bev.members.items()
+                if self.rules.match(src.name, rel) is not None or rel.endswith(
+                    f"/{src.ready.manifest}") or rel == src.ready.manifest]
+
+    def _quarantine(self, row: FileRow, route: Route | None, reason: str) -> None:
+        self.journal.update_file(row.id, state="quarantined", reason=reason)
+        METRICS.files_quarantined.labels(route.name if route else "-").inc()
+        log.warning("file_quarantined", file=row.rel, source=row.source,
+                    route=route.name if route else None, reason=reason)
+
+    # -- post-action ---------------------------------------------------------------------
+
+    async def _post_action(self, row: FileRow, src: SourceRule, route: Route,
+                           members: list[Member]) -> None:
+        if row.kind == "file":
+            ev = await asyncio.to_thread(gather, src.path, row.rel, src.ready, False)
+            if ev.fingerprint != row.fingerprint and route.then != "keep":
+                log.warning("post_action_skipped", file=row.rel, route=route.name,
+                            reason="source changed after it was delivered")
+                self._finish(row, route)
+                self.deferred[row.id] = (row.source, row.kind, row.rel)
+                return
+            paths = [row.rel, *[f"{row.rel}.{a}" for a in src.ready.checksums],
+                     *[row.rel + s for s in src.ready.markers]]
+        else:
+            prefix = "" if row.rel == "." else row.rel + "/"
+            paths = [m.rel for m in members]
+            if src.ready.manifest:
+                paths.append(prefix + src.ready.manifest)
+            paths.append(prefix + str(src.ready.directory_marker))  # the marker goes last
+        if route.then != "keep":
+            try:
+                await asyncio.to_thread(_apply_then, src.path, paths, route.then)
+            except OSError as exc:
+                log.error("post_action_failed", file=row.rel, route=route.name, error=str(exc))
+                self.journal.update_file(row.id, reason=f"post-action failed: {exc}")
+                return
+        self._finish(row, route)
+
+    def _finish(self, row: FileRow, route: Route) -> None:
+        self.journal.update_file(row.id, state="done", reason=None)
+        self.payload_seq.pop((row.source, row.rel), None)
+        self.marker_seq.pop((row.source, row.rel), None)
+        log.info("file_done", file=row.rel, route=route.name, then=route.then,
+                 sha256=row.sha256)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def recover(self) -> None:
+        """After a crash: sweep partial temporaries, then resume unfinished jobs."""
+        for d in self.journal.deliveries(None, "staging"):
+            dest = self.dests.get(d.destination)
+            if dest is None:
+                continue
+            if d.tmp and not getattr(dest, "can_resume", False):
+                try:
+                    await dest.discard(d.tmp)
+                    log.info("temp_swept", destination=d.destination, tmp=d.tmp)
+                except TransferError as exc:
+                    log.warning("temp_sweep_failed", destination=d.destination, tmp=d.tmp,
+                                error=str(exc))
+                self.journal.update_delivery(d.id, state="pending", acked=0)
+            else:
+                self.journal.update_delivery(d.id, state="pending")
+        for row in self.journal.files("ready", "delivering", "delivered"):
+            self._start_job(row.id)
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._ready:
+            return False, "starting"
+        dead = [w.source.name for w in self.watchers if not w.alive]
+        if dead:
+            return False, f"watcher stopped: {', '.join(dead)}"
+        return True, "ready"
+
+    async def _periodic(self) -> None:
+        interval = self.settings.rescan_interval
+        next_scan = time.monotonic() + interval if interval else None
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), timeout=5.0)
+            except TimeoutError:
+                pass
+            self._check_deadlines()
+            self._journal_gauges()
+            if next_scan is not None and time.monotonic() >= next_scan:
+                next_scan = time.monotonic() + interval
+                for src in self.rules.sources:
+                    await self._scan(src)
+
+    def _check_deadlines(self) -> None:
+        now = time.time()
+        for row in self.journal.files("waiting"):
+            src = self.rules.source(row.source)
+            deadline = src.ready.deadline
+            if deadline and row.waiting_since and now - row.waiting_since > deadline:
+                self._quarantine(row, self.rules.route(row.route or ""),
+                                 f"still waiting after {deadline:g}s: {row.reason}")
+
+    def _journal_gauges(self) -> None:
+        for state, n in self.journal.counts().items():
+            METRICS.journal_files.labels(state).set(n)
+        try:
+            METRICS.journal_bytes.set(os.path.getsize(self.journal.path))
+        except OSError:
+            pass
+
+    def stop(self) -> None:
+        if not self.stopping.is_set():
+            log.info("relay_stopping")
+            self.stopping.set()
+            self._wake.set()
+
+    async def run(self, once: bool = False) -> int:
+        """Run until stopped (or, with ``once``, until nothing is left to do). Returns the
+        exit code: 0, or 1 if any file failed."""
+        loop = asyncio.get_running_loop()
+        self.settings_once = once
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+        server = None
+        if self.settings.metrics_addr and not once:
+            server = serve(self.settings.metrics_addr, loop, self.ready)
+        for dest in self.dests.values():
+            try:
+                await dest.start()
+            except TransferError as exc:
+                log.error("destination_unavailable", destination=dest.name, error=str(exc))
+        await self.recover()
+        if not once:
+            for src in self.rules.sources:
+                w = SourceWatcher(src, loop, self.hint)
+                w.start()
+                self.watchers.append(w)
+        for src in self.rules.sources:
+            await self._scan(src)
+        log.info("relay_started", sources=len(self.rules.sources),
+                 destinations=len(self.dests), routes=len(self.rules.routes), once=once)
+        self._ready = True
+        evaluator = loop.create_task(self._evaluator())
+        periodic = loop.create_task(self._periodic()) if not once else None
+        if once:
+            while self.dirty or self.jobs or self._evaluating:
+                await asyncio.sleep(0.02)
+            self.stop()
+        await self.stopping.wait()
+        await self._shutdown(evaluator, periodic)
+        if server is not None:
+            server.shutdown()
+        return 1 if self.failed else 0
+
+    async def _shutdown(self, *tasks: asyncio.Task[None] | None) -> None:
+        for w in self.watchers:
+            w.stop()
+        for t in self.timers.values():
+            t.cancel()
+        if self.jobs:
+            log.info("relay_draining", in_flight=len(self.jobs),
+                     timeout_s=self.settings.shutdown_timeout)
+            _, pending = await asyncio.wait(list(self.jobs.values()),
+                                            timeout=self.settings.shutdown_timeout)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+                log.warning("relay_abandoned", in_flight=len(pending),
+                            note="journalled; resumed on next start")
+        for t in tasks:
+            if t is not None:
+                t.cancel()
+        for dest in self.dests.values():
+            await dest.close()
+        log.info("relay_stopped")
+
+
+def _apply_then(root: Path, paths: list[str], then: str) -> None:
+    """keep | delete | archive:DIR — applied to the payload and its signal files."""
+    archive = Path(then.split(":", 1)[1]) if then.startswith("archive:") else None
+    for rel in paths:
+        p = root / rel
+        if not os.path.lexists(p):
+            continue
+        if archive is None:
+            os.unlink(p)
+            continue
+        dst = archive / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(p, dst)
+        except OSError:
+            shutil.move(str(p), str(dst))  # another filesystem: copy then delete

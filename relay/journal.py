@@ -1,0 +1,274 @@
+"""The durable journal: one SQLite database in WAL mode, one transaction per transition.
+
+Every state change is committed *before* the side effect it allows, so after ``kill -9``
+at any instant a restart knows what may have happened and finishes it exactly once.
+
+File (or batch) lifecycle, table ``files``::
+
+    seen → waiting ⇄ ready → delivering → delivered → done
+                  ↘ quarantined(reason)       ↘ failed(reason)
+
+Per destination, table ``deliveries`` (one row per payload member and destination)::
+
+    pending → staging(tmp, acked) → renaming(sha256) → signalling → delivered
+        ↖ retry_wait(attempt, next_try_at, error) ↙        failed(error)
+
+``history`` holds every (route, destination, member, sha256) ever delivered: the
+idempotency key. Sending the same content to the same place again is a no-op.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Delivery", "FileRow", "Journal"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS files(
+    id INTEGER PRIMARY KEY,
+    source TEXT NOT NULL,
+    rel TEXT NOT NULL,
+    kind TEXT NOT NULL DEFAULT 'file',
+    route TEXT,
+    state TEXT NOT NULL,
+    reason TEXT,
+    signal TEXT,
+    declared_algo TEXT,
+    declared_digest TEXT,
+    sha256 TEXT,
+    size INTEGER,
+    fingerprint TEXT,
+    generation INTEGER NOT NULL DEFAULT 1,
+    first_seen REAL NOT NULL,
+    waiting_since REAL,
+    ready_at REAL,
+    updated_at REAL NOT NULL,
+    UNIQUE(source, rel, kind)
+);
+CREATE INDEX IF NOT EXISTS files_state ON files(state);
+CREATE TABLE IF NOT EXISTS deliveries(
+    id INTEGER PRIMARY KEY,
+    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+    member TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    target TEXT NOT NULL,
+    tmp TEXT,
+    state TEXT NOT NULL,
+    sha256 TEXT,
+    size INTEGER,
+    acked INTEGER NOT NULL DEFAULT 0,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    fallbacks INTEGER NOT NULL DEFAULT 0,
+    next_try_at REAL,
+    last_error TEXT,
+    updated_at REAL NOT NULL,
+    UNIQUE(file_id, member, destination)
+);
+CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state);
+CREATE TABLE IF NOT EXISTS history(
+    route TEXT NOT NULL,
+    destination TEXT NOT NULL,
+    member TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    target TEXT NOT NULL,
+    delivered_at REAL NOT NULL,
+    PRIMARY KEY(route, destination, member, sha256)
+);
+"""
+
+FILE_STATES = ("seen", "waiting", "ready", "delivering", "delivered", "done", "failed",
+               "quarantined")
+DELIVERY_STATES = ("pending", "staging", "renaming", "signalling", "retry_wait", "delivered",
+                   "failed")
+
+
+@dataclass
+class FileRow:
+    id: int
+    source: str
+    rel: str
+    kind: str
+    route: str | None
+    state: str
+    reason: str | None
+    signal: str | None
+    declared_algo: str | None
+    declared_digest: str | None
+    sha256: str | None
+    size: int | None
+    fingerprint: str | None
+    generation: int
+    first_seen: float
+    waiting_since: float | None
+    ready_at: float | None
+    updated_at: float
+
+
+@dataclass
+class Delivery:
+    id: int
+    file_id: int
+    member: str
+    destination: str
+    target: str
+    tmp: str | None
+    state: str
+    sha256: str | None
+    size: int | None
+    acked: int
+    attempts: int
+    fallbacks: int
+    next_try_at: float | None
+    last_error: str | None
+    updated_at: float
+
+
+class Journal:
+    """SQLite-backed state machine. Not thread-safe: use it from the event loop only."""
+
+    def __init__(self, path: Path, sync: str = "full") -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self.db.execute("PRAGMA busy_timeout=5000")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def tx(self) -> Iterator[sqlite3.Connection]:
+        """One transaction; committed (durably, per the sync setting) when the block ends."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # -- files ---------------------------------------------------------------------------
+
+    def get_file(self, source: str, rel: str, kind: str = "file") -> FileRow | None:
+        row = self.db.execute("SELECT * FROM files WHERE source=? AND rel=? AND kind=?",
+                              (source, rel, kind)).fetchone()
+        return FileRow(**dict(row)) if row else None
+
+    def file_by_id(self, file_id: int) -> FileRow | None:
+        row = self.db.execute("SELECT * FROM files WHERE id=?", (file_id,)).fetchone()
+        return FileRow(**dict(row)) if row else None
+
+    def files(self, *states: str) -> list[FileRow]:
+        if states:
+            marks = ",".join("?" * len(states))
+            rows = self.db.execute(f"SELECT * FROM files WHERE state IN ({marks}) ORDER BY id",
+                                   states)
+        else:
+            rows = self.db.execute("SELECT * FROM files ORDER BY id")
+        return [FileRow(**dict(r)) for r in rows]
+
+    def upsert_file(self, source: str, rel: str, kind: str, **fields: Any) -> FileRow:
+        """Insert or update a file row; ``fields`` are column values. Returns the row."""
+        now = time.time()
+        fields["updated_at"] = now
+        with self.tx() as db:
+            cur = db.execute("SELECT id FROM files WHERE source=? AND rel=? AND kind=?",
+                             (source, rel, kind)).fetchone()
+            if cur is None:
+                fields.setdefault("state", "seen")
+                fields.setdefault("first_seen", now)
+                cols = ["source", "rel", "kind", *fields]
+                db.execute(f"INSERT INTO files({','.join(cols)}) VALUES "
+                           f"({','.join('?' * len(cols))})", (source, rel, kind, *fields.values()))
+            else:
+                sets = ",".join(f"{k}=?" for k in fields)
+                db.execute(f"UPDATE files SET {sets} WHERE id=?", (*fields.values(), cur["id"]))
+        row = self.get_file(source, rel, kind)
+        assert row is not None
+        return row
+
+    def update_file(self, file_id: int, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        sets = ",".join(f"{k}=?" for k in fields)
+        with self.tx() as db:
+            db.execute(f"UPDATE files SET {sets} WHERE id=?", (*fields.values(), file_id))
+
+    def new_generation(self, file_id: int, **fields: Any) -> None:
+        """New content under a known name: forget this file's per-destination rows (the
+        ``history`` keeps what was delivered, for idempotency)."""
+        fields["updated_at"] = time.time()
+        sets = ",".join(f"{k}=?" for k in fields)
+        with self.tx() as db:
+            db.execute("DELETE FROM deliveries WHERE file_id=?", (file_id,))
+            db.execute(f"UPDATE files SET generation=generation+1, {sets} WHERE id=?",
+                       (*fields.values(), file_id))
+
+    def delete_file(self, file_id: int) -> None:
+        with self.tx() as db:
+            db.execute("DELETE FROM files WHERE id=?", (file_id,))
+
+    # -- deliveries ------------------------------------------------------------------------
+
+    def plan_deliveries(self, file_id: int, plan: list[tuple[str, str, str]]) -> None:
+        """Create pending rows for (member, destination, target) not yet planned, and mark
+        the file delivering — one transaction."""
+        now = time.time()
+        with self.tx() as db:
+            db.executemany(
+                "INSERT OR IGNORE INTO deliveries(file_id, member, destination, target, state,"
+                " updated_at) VALUES (?,?,?,?, 'pending', ?)",
+                [(file_id, m, d, t, now) for m, d, t in plan])
+            db.execute("UPDATE files SET state='delivering', reason=NULL, updated_at=? "
+                       "WHERE id=?", (now, file_id))
+
+    def deliveries(self, file_id: int | None = None, *states: str) -> list[Delivery]:
+        q, args = "SELECT * FROM deliveries WHERE 1=1", []
+        if file_id is not None:
+            q += " AND file_id=?"
+            args.append(file_id)
+        if states:
+            q += f" AND state IN ({','.join('?' * len(states))})"
+            args.extend(states)
+        return [Delivery(**dict(r)) for r in self.db.execute(q + " ORDER BY id", args)]
+
+    def update_delivery(self, delivery_id: int, **fields: Any) -> None:
+        fields["updated_at"] = time.time()
+        sets = ",".join(f"{k}=?" for k in fields)
+        with self.tx() as db:
+            db.execute(f"UPDATE deliveries SET {sets} WHERE id=?", (*fields.values(), delivery_id))
+
+    def mark_delivered(self, d: Delivery, route: str, sha256: str) -> None:
+        now = time.time()
+        with self.tx() as db:
+            db.execute("UPDATE deliveries SET state='delivered', sha256=?, last_error=NULL, "
+                       "next_try_at=NULL, updated_at=? WHERE id=?", (sha256, now, d.id))
+            db.execute("INSERT OR IGNORE INTO history VALUES (?,?,?,?,?,?)",
+                       (route, d.destination, d.member, sha256, d.target, now))
+
+    def already_delivered(self, route: str, destination: str, member: str, sha256: str) -> bool:
+        return self.db.execute(
+            "SELECT 1 FROM history WHERE route=? AND destination=? AND member=? AND sha256=?",
+            (route, destination, member, sha256)).fetchone() is not None
+
+    # -- reporting -------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, COUNT(*) FROM files GROUP BY state")
+        return {r[0]: r[1] for r in rows}
+
+    def delivery_counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT state, COUNT(*) FROM deliveries GROUP BY state")
+        return {r[0]: r[1] for r in rows}
+
+    def history_count(self) -> int:
+        return int(self.db.execute("SELECT COUNT(*) FROM history").fetchone()[0])

@@ -1,0 +1,355 @@
+"""Readiness: is a payload provably complete? Signals only — never size, mtime age or timers.
+
+* checksum sidecar ``X.sha256`` / ``X.sha512`` / ``X.md5`` — READY iff X hashes to it
+  (the hash is checked while streaming the copy; a mismatch sends the file back to waiting);
+* completion marker ``X.done`` (suffixes configurable) — READY when present; a digest in
+  it is verified like a sidecar;
+* directory marker ``_SUCCESS`` — the whole directory is one batch, verified member by
+  member against an optional ``SHA256SUMS`` manifest.
+
+A marker written *before* its payload does not vouch for it: if the payload changed after
+the marker was last written, relay waits for the marker to be written again. That check
+only ever withholds readiness; it never grants it.
+
+The parsers and :func:`decide` are pure; :func:`gather` does the small reads.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+from relay.rules import ReadyRule
+
+__all__ = [
+    "DIGEST_LENGTHS",
+    "MAX_SIGNAL_BYTES",
+    "Declared",
+    "Evidence",
+    "MalformedSignal",
+    "SignalKind",
+    "classify",
+    "decide",
+    "gather",
+    "gather_batch",
+    "parse_digest",
+    "parse_manifest",
+]
+
+DIGEST_LENGTHS = {"md5": 32, "sha256": 64, "sha512": 128}
+_BY_LENGTH = {v: k for k, v in DIGEST_LENGTHS.items()}
+MAX_SIGNAL_BYTES = 64 * 1024  # a "sidecar" larger than this is malformed, never read whole
+_HEX = re.compile(r"^[0-9a-fA-F]+$")
+_BSD = re.compile(r"^(MD5|SHA256|SHA512|SHA2-256|SHA2-512)\s*\((.*)\)\s*=\s*([0-9a-fA-F]+)$")
+_BSD_ALGO = {"MD5": "md5", "SHA256": "sha256", "SHA512": "sha512",
+             "SHA2-256": "sha256", "SHA2-512": "sha512"}
+
+
+class MalformedSignal(ValueError):
+    """A sidecar, marker or manifest whose content cannot be trusted."""
+
+
+@dataclass(frozen=True)
+class Declared:
+    """A digest some signal file declares for a payload."""
+
+    algo: str
+    hexdigest: str
+    signal: str  # relative path of the signal file that declared it
+
+
+def _check_hex(algo: str | None, hexd: str) -> tuple[str, str]:
+    if not _HEX.match(hexd):
+        raise MalformedSignal(f"digest is not hexadecimal: {hexd[:80]!r}")
+    if algo is None:
+        algo = _BY_LENGTH.get(len(hexd))
+        if algo is None:
+            raise MalformedSignal(f"digest of {len(hexd)} hex digits matches no known algorithm")
+    elif len(hexd) != DIGEST_LENGTHS[algo]:
+        raise MalformedSignal(
+            f"{algo} digest must have {DIGEST_LENGTHS[algo]} hex digits, got {len(hexd)}")
+    return algo, hexd.lower()
+
+
+def parse_digest(text: str, algo: str | None, payload_name: str) -> tuple[str, str]:
+    """Parse a sidecar/marker body into ``(algo, hexdigest)`` for ``payload_name``.
+
+    Accepts bare hex, GNU coreutils (``<hex>  name`` / ``<hex> *name``) and BSD
+    (``SHA256 (name) = <hex>``) lines. ``algo`` None infers it from the digest length.
+    A multi-line file must contain a line naming the payload. Raises MalformedSignal.
+    """
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    if not lines:
+        raise MalformedSignal("empty")
+    candidates: list[tuple[str | None, str, str | None]] = []  # (algo, hex, named file)
+    for ln in lines:
+        if m := _BSD.match(ln):
+            candidates.append((_BSD_ALGO[m.group(1)], m.group(3), m.group(2)))
+            continue
+        parts = ln.split(None, 1)
+        if len(parts) == 1:
+            candidates.append((None, parts[0], None))
+        else:
+            name = parts[1]
+            name = name[1:] if name.startswith("*") else name
+            candidates.append((None, parts[0], name))
+    if len(candidates) == 1 and candidates[0][2] is None:
+        a, h, _ = candidates[0]
+        return _check_hex(algo or a, h)
+    for a, h, name in candidates:
+        if name is not None and PurePosixPath(name.lstrip("./")).name == payload_name:
+            if a and algo and a != algo:
+                raise MalformedSignal(f"declares {a} in a .{algo} sidecar")
+            return _check_hex(algo or a, h)
+    named = [n for _, _, n in candidates if n]
+    raise MalformedSignal(f"no line names {payload_name!r} (names: {named[:3]})")
+
+
+def parse_manifest(text: str) -> dict[str, tuple[str, str]]:
+    """``SHA256SUMS``-style manifest → ``{relative member path: (algo, hex)}``.
+
+    Member names are returned as written; the caller checks them with safe_relpath.
+    """
+    out: dict[str, tuple[str, str]] = {}
+    for ln in text.splitlines():
+        ln = ln.strip()
+        if not ln or ln.startswith("#"):
+            continue
+        if m := _BSD.match(ln):
+            algo, hexd = _check_hex(_BSD_ALGO[m.group(1)], m.group(3))
+            out[m.group(2)] = (algo, hexd)
+            continue
+        parts = ln.split(None, 1)
+        if len(parts) != 2:
+            raise MalformedSignal(f"manifest line without a file name: {ln[:80]!r}")
+        name = parts[1][1:] if parts[1].startswith("*") else parts[1]
+        out[name] = _check_hex(None, parts[0])
+    if not out:
+        raise MalformedSignal("manifest lists no files")
+    return out
+
+
+SignalKind = Literal["payload", "sidecar", "marker", "dirmarker", "manifest"]
+
+
+def classify(rel: str, ready: ReadyRule) -> tuple[SignalKind, str]:
+    """What ``rel`` is, and the payload (or batch directory) it speaks for."""
+    p = PurePosixPath(rel)
+    if ready.directory_marker and p.name == ready.directory_marker:
+        return "dirmarker", str(p.parent)
+    if ready.manifest and ready.directory_marker and p.name == ready.manifest:
+        return "manifest", str(p.parent)
+    for algo in ready.checksums:
+        if rel.endswith("." + algo) and len(p.name) > len(algo) + 1:
+            return "sidecar", rel[: -len(algo) - 1]
+    for suffix in ready.markers:
+        if rel.endswith(suffix) and len(p.name) > len(suffix):
+            return "marker", rel[: -len(suffix)]
+    return "payload", rel
+
+
+@dataclass
+class Evidence:
+    """Why a payload is (not) ready: what ``relay explain`` shows."""
+
+    rel: str
+    verdict: Literal["ready", "waiting", "invalid", "gone"]
+    reason: str
+    signal: str | None = None
+    declared: Declared | None = None
+    size: int | None = None
+    fingerprint: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_small(path: Path) -> str:
+    with open(path, "rb") as f:
+        data = f.read(MAX_SIGNAL_BYTES + 1)
+    if len(data) > MAX_SIGNAL_BYTES:
+        raise MalformedSignal(f"larger than {MAX_SIGNAL_BYTES} bytes; not a checksum file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise MalformedSignal("not UTF-8 text") from None
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return os.stat(path, follow_symlinks=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def _fp(st: os.stat_result | None) -> str:
+    return "-" if st is None else f"{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def decide(
+    rel: str,
+    payload: os.stat_result | None,
+    sidecars: list[tuple[str, str, str | Exception]],
+    markers: list[tuple[str, os.stat_result, str | Exception]],
+    marker_stale: bool,
+) -> Evidence:
+    """Pure decision for one payload.
+
+    ``sidecars``: (signal rel, algo, body or read error); ``markers``: (signal rel, stat,
+    body or read error); ``marker_stale``: the watcher saw the payload change after the
+    marker was last written.
+    """
+    name = PurePosixPath(rel).name
+    if payload is not None and not stat.S_ISREG(payload.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(payload.st_mode) else "not a regular file"
+        return Evidence(rel, "invalid", f"payload is {kind}; never followed")
+    notes: list[str] = []
+    for sig, algo, body in sidecars:
+        if isinstance(body, Exception):
+            notes.append(f"{sig}: {body}")
+            continue
+        try:
+            a, h = parse_digest(body, algo, name)
+        except MalformedSignal as exc:
+            return Evidence(rel, "invalid", f"malformed sidecar {sig}: {exc}", signal=sig,
+                            notes=notes)
+        ev_decl = Declared(a, h, sig)
+        if payload is None:
+            return Evidence(rel, "waiting", f"sidecar {sig} present, payload missing",
+                            signal=sig, declared=ev_decl, notes=notes)
+        return Evidence(rel, "ready", f"sidecar {sig} declares {a}", signal=sig,
+                        declared=ev_decl, size=payload.st_size, notes=notes)
+    for sig, mst, body in markers:
+        if isinstance(body, Exception):
+            return Evidence(rel, "invalid", f"marker {sig}: {body}", signal=sig)
+        if payload is None:
+            return Evidence(rel, "waiting", f"marker {sig} present, payload missing",
+                            signal=sig, notes=notes)
+        declared = None
+        if body.strip():
+            try:
+                a, h = parse_digest(body, None, name)
+            except MalformedSignal as exc:
+                return Evidence(rel, "invalid", f"malformed digest in marker {sig}: {exc}",
+                                signal=sig)
+            declared = Declared(a, h, sig)
+        elif marker_stale or payload.st_mtime_ns > mst.st_mtime_ns:
+            # The payload changed after the (empty) marker was written: the marker
+            # cannot vouch for these bytes. Only a rewrite of the marker can.
+            return Evidence(rel, "waiting",
+                            f"payload changed after marker {sig}; waiting for a new marker",
+                            signal=sig, notes=notes)
+        return Evidence(rel, "ready", f"marker {sig}" + (" with digest" if declared else ""),
+                        signal=sig, declared=declared, size=payload.st_size, notes=notes)
+    if payload is None:
+        return Evidence(rel, "gone", "payload and signals are gone")
+    return Evidence(rel, "waiting", "no sidecar or marker yet", size=payload.st_size,
+                    notes=notes)
+
+
+def gather(root: Path, rel: str, ready: ReadyRule, marker_stale: bool = False) -> Evidence:
+    """Read the payload's stat and its signal files under ``root``, then :func:`decide`."""
+    pst = _stat(root / rel)
+    sidecars: list[tuple[str, str, str | Exception]] = []
+    fps = [_fp(pst)]
+    for algo in ready.checksums:
+        sig = f"{rel}.{algo}"
+        sst = _stat(root / sig)
+        if sst is None:
+            continue
+        fps.append(_fp(sst))
+        try:
+            if not stat.S_ISREG(sst.st_mode):
+                raise MalformedSignal("not a regular file")
+            sidecars.append((sig, algo, _read_small(root / sig)))
+        except (OSError, MalformedSignal) as exc:
+            sidecars.append((sig, algo, MalformedSignal(str(exc))))
+    markers: list[tuple[str, os.stat_result, str | Exception]] = []
+    for suffix in ready.markers:
+        sig = f"{rel}{suffix}"
+        mst = _stat(root / sig)
+        if mst is None:
+            continue
+        fps.append(_fp(mst))
+        try:
+            if not stat.S_ISREG(mst.st_mode):
+                raise MalformedSignal("not a regular file")
+            markers.append((sig, mst, _read_small(root / sig)))
+        except (OSError, MalformedSignal) as exc:
+            markers.append((sig, mst, MalformedSignal(str(exc))))
+    ev = decide(rel, pst, sidecars, markers, marker_stale)
+    ev.fingerprint = "|".join(fps)
+    return ev
+
+
+@dataclass
+class BatchEvidence:
+    """A directory batch: its members and the digests they must have."""
+
+    directory: str
+    verdict: Literal["ready", "waiting", "invalid", "gone"]
+    reason: str
+    members: dict[str, Declared | None] = field(default_factory=dict)
+    fingerprint: str = ""
+
+
+def gather_batch(root: Path, directory: str, ready: ReadyRule, ignored: object) -> BatchEvidence:
+    """Evidence for the batch in ``directory`` (relative; '.' for the source root).
+
+    ``ignored`` is a callable(rel) -> bool for names never considered (hidden files).
+    """
+    from relay.errors import UnsafePathError
+    from relay.paths import safe_relpath
+
+    assert ready.directory_marker
+    is_ignored = ignored if callable(ignored) else (lambda _r: False)
+    prefix = "" if directory in ("", ".") else directory + "/"
+    marker_rel = prefix + ready.directory_marker
+    mst = _stat(root / marker_rel)
+    if mst is None:
+        return BatchEvidence(directory, "gone", "directory marker is gone")
+    fps = [_fp(mst)]
+    members: dict[str, Declared | None] = {}
+    manifest_rel = prefix + ready.manifest if ready.manifest else None
+    if manifest_rel and _stat(root / manifest_rel) is not None:
+        try:
+            listed = parse_manifest(_read_small(root / manifest_rel))
+        except (OSError, MalformedSignal) as exc:
+            return BatchEvidence(directory, "invalid", f"manifest {manifest_rel}: {exc}")
+        for name, (algo, hexd) in sorted(listed.items()):
+            try:
+                member = safe_relpath(prefix + safe_relpath(name))
+            except UnsafePathError as exc:
+                return BatchEvidence(directory, "invalid", f"manifest {manifest_rel}: {exc}")
+            st = _stat(root / member)
+            if st is None:
+                return BatchEvidence(directory, "waiting", f"member {member} not present yet")
+            if not stat.S_ISREG(st.st_mode):
+                return BatchEvidence(directory, "invalid", f"member {member} is not a file")
+            fps.append(_fp(st))
+            members[member] = Declared(algo, hexd, manifest_rel)
+        members[manifest_rel] = None
+        fps.append(_fp(_stat(root / manifest_rel)))
+    else:
+        base = root / directory if directory not in ("", ".") else root
+        for dirpath, dirnames, filenames in os.walk(base):
+            dirnames.sort()
+            for fn in sorted(filenames):
+                full = Path(dirpath) / fn
+                rel = full.relative_to(root).as_posix()
+                if rel == marker_rel or is_ignored(rel):
+                    continue
+                st = _stat(full)
+                if st is None or not stat.S_ISREG(st.st_mode):
+                    continue
+                if st.st_mtime_ns > mst.st_mtime_ns:
+                    return BatchEvidence(directory, "waiting",
+                                         f"member {rel} changed after {marker_rel}")
+                fps.append(_fp(st))
+                members[rel] = None
+    if not members:
+        return BatchEvidence(directory, "waiting", "directory marker present, no members")
+    return BatchEvidence(directory, "ready", f"directory marker {marker_rel}", members,
+                         "|".join(fps))
