@@ -10,6 +10,8 @@ declared digest that differs sends the file back to waiting (DigestMismatch).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import random
 import time
 from dataclasses import dataclass
@@ -168,9 +170,22 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
     algos = (m.declared.algo,) if m.declared else ()
     started = time.monotonic()
     last_log = [started]
+    last_ack = [started]
+    loop = asyncio.get_running_loop()
+
+    def record(acked: int) -> None:
+        # Best effort: progress bookkeeping must never kill a copy.
+        with contextlib.suppress(Exception):
+            journal.update_delivery(d.id, acked=acked)
 
     def progress(acked: int) -> None:
+        """May run on a worker thread (local copies) or the loop (SFTP)."""
         now = time.monotonic()
+        if now - last_ack[0] >= 1.0:
+            # Journal the acknowledged byte count (at most once a second) so a resumed
+            # attempt knows which prefix the destination already holds.
+            last_ack[0] = now
+            loop.call_soon_threadsafe(record, acked)
         if now - last_log[0] >= progress_interval:
             last_log[0] = now
             rate = acked / max(now - started, 1e-6)
