@@ -8,6 +8,7 @@ become jobs, at most ``concurrency`` at a time, each fanning out to its destinat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -412,10 +413,8 @@ class Engine:
         interval = self.settings.rescan_interval
         next_scan = time.monotonic() + interval if interval else None
         while not self.stopping.is_set():
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stopping.wait(), timeout=5.0)
-            except TimeoutError:
-                pass
             self._check_deadlines()
             self._journal_gauges()
             if next_scan is not None and time.monotonic() >= next_scan:
@@ -435,10 +434,8 @@ class Engine:
     def _journal_gauges(self) -> None:
         for state, n in self.journal.counts().items():
             METRICS.journal_files.labels(state).set(n)
-        try:
+        with contextlib.suppress(OSError):
             METRICS.journal_bytes.set(os.path.getsize(self.journal.path))
-        except OSError:
-            pass
 
     def stop(self) -> None:
         if not self.stopping.is_set():
@@ -494,15 +491,15 @@ class Engine:
                      timeout_s=self.settings.shutdown_timeout)
             _, pending = await asyncio.wait(list(self.jobs.values()),
                                             timeout=self.settings.shutdown_timeout)
-            for t in pending:
-                t.cancel()
+            for job in pending:
+                job.cancel()
             if pending:
                 await asyncio.wait(pending, timeout=5)
                 log.warning("relay_abandoned", in_flight=len(pending),
                             note="journalled; resumed on next start")
-        for t in tasks:
-            if t is not None:
-                t.cancel()
+        for task in tasks:
+            if task is not None:
+                task.cancel()
         for dest in self.dests.values():
             await dest.close()
         log.info("relay_stopped")

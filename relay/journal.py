@@ -232,7 +232,7 @@ class Journal:
                        "WHERE id=?", (now, file_id))
 
     def deliveries(self, file_id: int | None = None, *states: str) -> list[Delivery]:
-        q, args = "SELECT * FROM deliveries WHERE 1=1", []
+        q, args = "SELECT * FROM deliveries WHERE 1=1", list[object]()
         if file_id is not None:
             q += " AND file_id=?"
             args.append(file_id)

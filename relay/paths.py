@@ -100,7 +100,9 @@ def render_template(template: str, rel: str, *, source: str, route: str, when: d
         "day": f"{when.day:02d}",
         "hour": f"{when.hour:02d}",
     }
-    return safe_relpath(template.format_map(values))
+    # Empty fields (e.g. {dir} at the top level) may leave a leading "/"; the template
+    # itself was checked to be relative, so the result is relative too.
+    return safe_relpath(template.format_map(values).lstrip("/"))
 
 
 @lru_cache(maxsize=512)

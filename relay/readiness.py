@@ -100,11 +100,11 @@ def parse_digest(text: str, algo: str | None, payload_name: str) -> tuple[str, s
     if len(candidates) == 1 and candidates[0][2] is None:
         a, h, _ = candidates[0]
         return _check_hex(algo or a, h)
-    for a, h, name in candidates:
-        if name is not None and PurePosixPath(name.lstrip("./")).name == payload_name:
-            if a and algo and a != algo:
-                raise MalformedSignal(f"declares {a} in a .{algo} sidecar")
-            return _check_hex(algo or a, h)
+    for a2, h2, named in candidates:
+        if named is not None and PurePosixPath(named).name == payload_name:
+            if a2 and algo and a2 != algo:
+                raise MalformedSignal(f"declares {a2} in a .{algo} sidecar")
+            return _check_hex(algo or a2, h2)
     named = [n for _, _, n in candidates if n]
     raise MalformedSignal(f"no line names {payload_name!r} (names: {named[:3]})")
 
@@ -208,8 +208,7 @@ def decide(
     notes: list[str] = []
     for sig, algo, body in sidecars:
         if isinstance(body, Exception):
-            notes.append(f"{sig}: {body}")
-            continue
+            return Evidence(rel, "invalid", f"malformed sidecar {sig}: {body}", signal=sig)
         try:
             a, h = parse_digest(body, algo, name)
         except MalformedSignal as exc:

@@ -230,11 +230,11 @@ def _line_of(node: yaml.Node, loc: tuple[Any, ...]) -> int:
         if isinstance(cur, yaml.MappingNode):
             for k, v in cur.value:
                 if k.value == key:
-                    nxt = v if not isinstance(v, yaml.ScalarNode) else v
+                    nxt = v
                     break
-        elif isinstance(cur, yaml.SequenceNode) and isinstance(key, int):
-            if 0 <= key < len(cur.value):
-                nxt = cur.value[key]
+        elif (isinstance(cur, yaml.SequenceNode) and isinstance(key, int)
+              and 0 <= key < len(cur.value)):
+            nxt = cur.value[key]
         if nxt is None:
             break
         cur = nxt
@@ -257,6 +257,7 @@ def load_rules(path: Path) -> Rules:
     if not files or not path.exists():
         raise RulesError([RuleProblem(str(path), None, "-", "no rules files found")])
     items: dict[str, list[tuple[Any, str, int]]] = {k: [] for k in _SECTIONS}
+    attempted = dict.fromkeys(_SECTIONS, 0)
     for f in files:
         try:
             root = yaml.compose(f.read_text(encoding="utf-8"))
@@ -285,6 +286,7 @@ def load_rules(path: Path) -> Rules:
                                             "must be a list"))
                 continue
             for i, item in enumerate(vnode.value):
+                attempted[key] += 1
                 label = f"{key}[{i}]"
                 try:
                     model = _SECTIONS[key].model_validate(_plain(item))
@@ -297,6 +299,9 @@ def load_rules(path: Path) -> Rules:
                     continue
                 items[key].append((model, str(f), item.start_mark.line + 1))
     problems.extend(_cross_check(items))
+    if not attempted["routes"] and not problems:
+        problems.append(RuleProblem(", ".join(map(str, files)), None, "routes",
+                                    "no routes defined"))
     if problems:
         raise RulesError(problems)
     return Rules(
@@ -326,8 +331,6 @@ def _cross_check(items: dict[str, list[tuple[Any, str, int]]]) -> list[RuleProbl
             if d not in dests:
                 problems.append(RuleProblem(f, line, f"routes[{r.name}].to",
                                             f"unknown destination {d!r}"))
-    if not items["routes"] and not problems:
-        problems.append(RuleProblem("(all files)", None, "routes", "no routes defined"))
     return problems
 
 

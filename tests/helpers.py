@@ -1,0 +1,115 @@
+"""Shared test helpers: rules files, a real `relay run` subprocess, polling with deadlines."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RELAY = [sys.executable, "-m", "relay.cli"]
+
+
+def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll ``pred`` until truthy; fail the test with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def drop(root: Path, rel: str, data: bytes, signal_kind: str = "sha256") -> Path:
+    """Write a payload and then its signal, the way a well-behaved producer does."""
+    p = root / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    if signal_kind == "sha256":
+        Path(f"{p}.sha256").write_text(f"{sha256(data)}  {p.name}\n")
+    elif signal_kind == "done":
+        Path(f"{p}.done").write_text("")
+    return p
+
+
+def write_rules(dirpath: Path, *, source: Path, dests: dict[str, str],
+                route: dict[str, Any] | None = None, ready: dict[str, Any] | None = None,
+                extra_dest: dict[str, dict[str, Any]] | None = None) -> Path:
+    """A one-source, one-route rules file in ``dirpath``; returns the rules directory."""
+    dirpath.mkdir(parents=True, exist_ok=True)
+    doc: dict[str, Any] = {
+        "sources": [{"name": "in", "path": str(source), **({"ready": ready} if ready else {})}],
+        "destinations": [{"name": n, "url": u, **(extra_dest or {}).get(n, {})}
+                         for n, u in dests.items()],
+        "routes": [{"name": "r", "source": "in", "to": list(dests), **(route or {})}],
+    }
+    (dirpath / "rules.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    return dirpath
+
+
+def relay_env(tmp: Path, rules: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RELAY_RULES": str(rules), "RELAY_JOURNAL": str(tmp / "journal.sqlite3"),
+                "RELAY_METRICS_ADDR": "", "RELAY_LOG_FORMAT": "json",
+                "RELAY_RESCAN_INTERVAL": "2", **extra})
+    return env
+
+
+def run_once(tmp: Path, rules: Path, **extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*RELAY, "run", "--once"], env=relay_env(tmp, rules, **extra),
+                          capture_output=True, text=True, timeout=120)
+
+
+class RelayProc:
+    """A real `relay run` daemon in a subprocess; logs go to a file."""
+
+    def __init__(self, tmp: Path, rules: Path, name: str = "relay", **extra: str) -> None:
+        self.log_path = tmp / f"{name}.log"
+        self.env = relay_env(tmp, rules, **extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RelayProc:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen([*RELAY, "run"], env=self.env, stdout=self._log,
+                                     stderr=subprocess.STDOUT)
+        return self
+
+    def wait_started(self, timeout: float = 20) -> None:
+        wait_for(lambda: b"relay_started" in self.log_path.read_bytes() or self._dead(),
+                 timeout, "relay_started")
+        assert not self._dead(), self.log_path.read_text()[-3000:]
+
+    def _dead(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._log.close()
+
+    def stop(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self._log.close()
+        return code
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")

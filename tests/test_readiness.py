@@ -1,0 +1,148 @@
+"""Readiness parsing and decisions (pure functions)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay.readiness import (
+    MalformedSignal,
+    classify,
+    gather,
+    gather_batch,
+    parse_digest,
+    parse_manifest,
+)
+from relay.rules import ReadyRule
+
+H = hashlib.sha256(b"x").hexdigest()
+
+
+@pytest.mark.parametrize("body", [
+    H, H + "\n", f"{H}  report.csv\n", f"{H} *report.csv\n", f"SHA256 (report.csv) = {H}\n",
+    f"{H.upper()}  report.csv", f"{H}  ./report.csv\n",
+    f"{'0' * 64}  other.csv\n{H}  report.csv\n",
+])
+def test_sidecar_formats_accepted(body: str) -> None:
+    """Bare hex, GNU (text and binary mode), BSD and multi-line sums files all parse."""
+    assert parse_digest(body, "sha256", "report.csv") == ("sha256", H)
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    ("", "empty"), ("zz" * 32, "not hexadecimal"), ("ab" * 10, "64 hex digits"),
+    (f"{H}  other.csv\n", "no line names"), (f"MD5 (report.csv) = {H}", "declares md5"),
+])
+def test_malformed_sidecars_rejected(body: str, why: str) -> None:
+    """Non-hex, wrong length, empty and wrong-file sidecars are malformed, with a reason."""
+    with pytest.raises(MalformedSignal, match=why):
+        parse_digest(body, "sha256", "report.csv")
+
+
+def test_marker_digest_algorithm_inferred_from_length() -> None:
+    """A digest in a marker names its algorithm by its length (md5/sha256/sha512)."""
+    md5 = hashlib.md5(b"x").hexdigest()
+    sha512 = hashlib.sha512(b"x").hexdigest()
+    assert parse_digest(md5, None, "f") == ("md5", md5)
+    assert parse_digest(f"{sha512}  f", None, "f") == ("sha512", sha512)
+
+
+@given(st.binary(max_size=200))
+def test_parse_digest_never_crashes(data: bytes) -> None:
+    """Arbitrary sidecar bytes either parse to a valid digest or raise MalformedSignal."""
+    text = data.decode("utf-8", "replace")
+    try:
+        algo, hexd = parse_digest(text, "sha256", "f")
+    except MalformedSignal:
+        return
+    assert algo == "sha256" and len(hexd) == 64
+
+
+def test_manifest_parses_and_rejects_garbage() -> None:
+    """SHA256SUMS manifests map member names to digests; a line without a name is refused."""
+    assert parse_manifest(f"{H}  a.csv\n# comment\n{H} *sub/b.csv\n") == {
+        "a.csv": ("sha256", H), "sub/b.csv": ("sha256", H)}
+    with pytest.raises(MalformedSignal):
+        parse_manifest(H)
+
+
+def test_classify_signal_files() -> None:
+    """Sidecars, markers, directory markers and manifests are told apart from payloads."""
+    r = ReadyRule()
+    assert classify("a/x.csv.sha256", r) == ("sidecar", "a/x.csv")
+    assert classify("a/x.csv.done", r) == ("marker", "a/x.csv")
+    assert classify("a/_SUCCESS", r) == ("dirmarker", "a")
+    assert classify("a/SHA256SUMS", r) == ("manifest", "a")
+    assert classify("a/x.csv", r) == ("payload", "a/x.csv")
+
+
+def test_payload_without_signal_waits(tmp_path: Path) -> None:
+    """A payload with no sidecar or marker is never ready, however old or stable."""
+    (tmp_path / "x").write_bytes(b"data")
+    old = 1_000_000_000
+    os.utime(tmp_path / "x", (old, old))
+    ev = gather(tmp_path, "x", ReadyRule())
+    assert ev.verdict == "waiting"
+
+
+def test_marker_before_payload_does_not_vouch(tmp_path: Path) -> None:
+    """An empty marker older than its payload's last change waits for a new marker."""
+    (tmp_path / "x.done").write_text("")
+    (tmp_path / "x").write_bytes(b"data")
+    os.utime(tmp_path / "x.done", ns=(1_000, 1_000))
+    assert gather(tmp_path, "x", ReadyRule()).verdict == "waiting"
+    os.utime(tmp_path / "x.done")  # the producer writes the marker again
+    assert gather(tmp_path, "x", ReadyRule()).verdict == "ready"
+    # …unless the watcher saw the payload change after the marker: then it waits.
+    assert gather(tmp_path, "x", ReadyRule(), marker_stale=True).verdict == "waiting"
+
+
+def test_sidecar_without_payload_waits(tmp_path: Path) -> None:
+    """A sidecar whose payload has not arrived keeps the file waiting."""
+    (tmp_path / "x.sha256").write_text(H)
+    ev = gather(tmp_path, "x", ReadyRule())
+    assert ev.verdict == "waiting" and "payload missing" in ev.reason
+
+
+def test_huge_sidecar_is_not_read_whole(tmp_path: Path) -> None:
+    """A 'sidecar' far larger than any checksum file is malformed, not read into memory."""
+    (tmp_path / "x").write_bytes(b"1")
+    with open(tmp_path / "x.sha256", "wb") as f:
+        f.truncate(3 * 1024**3)  # sparse 3 GiB
+    ev = gather(tmp_path, "x", ReadyRule())
+    assert ev.verdict == "invalid" and "larger than" in ev.reason
+
+
+def test_symlink_payload_refused(tmp_path: Path) -> None:
+    """A symlinked payload is never followed, even with a valid sidecar."""
+    (tmp_path / "x").symlink_to("/etc/hostname")
+    (tmp_path / "x.done").write_text("")
+    assert gather(tmp_path, "x", ReadyRule()).verdict == "invalid"
+
+
+def test_batch_with_manifest_lists_members(tmp_path: Path) -> None:
+    """A _SUCCESS folder with a manifest waits for every listed member, then is ready."""
+    d = tmp_path / "b"
+    d.mkdir()
+    (d / "SHA256SUMS").write_text(f"{H}  one\n{H}  two\n")
+    (d / "_SUCCESS").write_text("")
+    (d / "one").write_bytes(b"x")
+    ev = gather_batch(tmp_path, "b", ReadyRule(), lambda r: False)
+    assert ev.verdict == "waiting" and "b/two" in ev.reason
+    (d / "two").write_bytes(b"x")
+    ev = gather_batch(tmp_path, "b", ReadyRule(), lambda r: False)
+    assert ev.verdict == "ready" and set(ev.members) == {"b/one", "b/two", "b/SHA256SUMS"}
+
+
+def test_batch_manifest_traversal_refused(tmp_path: Path) -> None:
+    """A manifest naming ../ paths makes the batch invalid instead of reading outside."""
+    d = tmp_path / "b"
+    d.mkdir()
+    (d / "SHA256SUMS").write_text(f"{H}  ../../etc/passwd\n")
+    (d / "_SUCCESS").write_text("")
+    ev = gather_batch(tmp_path, "b", ReadyRule(), lambda r: False)
+    assert ev.verdict == "invalid" and ".." in ev.reason
