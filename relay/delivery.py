@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from relay.destinations.base import Destination
+from relay.destinations.base import Destination, Staged
 from relay.errors import DigestMismatch, PermanentError, RetryableError, SourceVanished
 from relay.journal import Delivery, FileRow, Journal
 from relay.logs import get_logger
@@ -77,14 +77,20 @@ async def deliver_to(
     if not todo:
         return Outcome("delivered")
     current: Delivery | None = None
+    staged: list[tuple[Delivery, Staged]] = []
     try:
-        # 1. stage every member not staged yet (a batch is staged whole before any rename)
+        # 1. stage every member not staged yet. A batch is staged whole, then every member
+        #    is journalled 'renaming' in ONE transaction: all-or-none even across a crash.
         for d in todo:
             if d.state in ("renaming", "signalling"):
                 continue
             current = d
             m = by_member[d.member]
-            await _stage_one(journal, dest, row, route, src_root, d, m, progress_interval)
+            st = await _stage_one(journal, dest, row, route, src_root, d, m, progress_interval)
+            if st is not None:
+                staged.append((d, st))
+        journal.mark_renaming([(d.id, st.digests["sha256"], st.size) for d, st in staged])
+        staged = []
         # 2. rename every staged member onto its final name
         for d in journal.deliveries(row.id):
             if d.destination != dest.name or d.state != "renaming":
@@ -116,6 +122,8 @@ async def deliver_to(
         return Outcome("delivered")
     except DigestMismatch as exc:
         METRICS.digest_mismatches.labels(route.name).inc()
+        for _, st in staged:  # members of a batch staged before the bad one
+            await dest.discard(st.tmp)
         for d in journal.deliveries(row.id, "staging"):
             if d.destination == dest.name:
                 journal.update_delivery(d.id, state="pending", acked=0)
@@ -161,7 +169,9 @@ def _retry_or_fail(journal: Journal, dest: Destination, row: FileRow, route: Rou
 
 
 async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: Route,
-                     src_root: Path, d: Delivery, m: Member, progress_interval: float) -> None:
+                     src_root: Path, d: Delivery, m: Member,
+                     progress_interval: float) -> Staged | None:
+    """Stage one member; None if the same content was already delivered there."""
     from relay.destinations.base import temp_name
 
     tmp = temp_name(dest.rule, d.target)
@@ -216,14 +226,12 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
         METRICS.duplicates.labels(route.name, dest.name).inc()
         log.info("delivery_skipped_duplicate", file=m.rel, route=route.name,
                  destination=dest.name, sha256=sha)
-        return
-    # Committed before the rename it allows: a crash after this line finishes the rename.
-    journal.update_delivery(d.id, state="renaming", sha256=sha, size=staged.size,
-                            acked=staged.size)
+        return None
     METRICS.transfer_seconds.labels(dest.name).observe(time.monotonic() - started)
     log.info("file_staged", file=m.rel, destination=dest.name, tmp=staged.tmp,
              bytes=staged.size, sha256=sha, resumed_from=staged.resumed_from,
              duration_ms=round((time.monotonic() - started) * 1000, 1))
+    return staged
 
 
 async def _write_signals(dest: Destination, route: Route, target: str, sha256: str) -> None:

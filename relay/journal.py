@@ -247,6 +247,17 @@ class Journal:
         with self.tx() as db:
             db.execute(f"UPDATE deliveries SET {sets} WHERE id=?", (*fields.values(), delivery_id))
 
+    def mark_renaming(self, staged: list[tuple[int, str, int]]) -> None:
+        """(delivery id, sha256, size) → 'renaming', all in one transaction. Committed
+        before the renames it allows: after a crash, recovery finishes every rename."""
+        if not staged:
+            return
+        now = time.time()
+        with self.tx() as db:
+            db.executemany("UPDATE deliveries SET state='renaming', sha256=?, size=?, acked=?, "
+                           "updated_at=? WHERE id=?",
+                           [(sha, size, size, now, i) for i, sha, size in staged])
+
     def mark_delivered(self, d: Delivery, route: str, sha256: str) -> None:
         now = time.time()
         with self.tx() as db:

@@ -105,8 +105,8 @@ def parse_digest(text: str, algo: str | None, payload_name: str) -> tuple[str, s
             if a2 and algo and a2 != algo:
                 raise MalformedSignal(f"declares {a2} in a .{algo} sidecar")
             return _check_hex(algo or a2, h2)
-    named = [n for _, _, n in candidates if n]
-    raise MalformedSignal(f"no line names {payload_name!r} (names: {named[:3]})")
+    names = [n for _, _, n in candidates if n]
+    raise MalformedSignal(f"no line names {payload_name!r} (names: {names[:3]})")
 
 
 def parse_manifest(text: str) -> dict[str, tuple[str, str]]:
