@@ -59,6 +59,7 @@ class Engine:
         self._evaluating = False
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._ready = False
+        self._gathered_at = 0.0
         self._last_reason: dict[int, str] = {}
 
     # -- hints ---------------------------------------------------------------------------
@@ -136,6 +137,7 @@ class Engine:
     async def evaluate(self, key: Key) -> None:
         source, kind, rel = key
         src = self.rules.source(source)
+        self._gathered_at = time.time()
         if kind == "file":
             route = self.rules.match(source, rel)
             if route is None:
@@ -174,6 +176,11 @@ class Engine:
         if row is not None and row.id in self.jobs:
             self.deferred[row.id] = key  # look again when the running job ends
             return
+        if row is not None and row.updated_at > self._gathered_at:
+            # A job moved this file on while we were reading: the evidence is stale.
+            self.dirty[key] = None
+            self._wake.set()
+            return
         if row is None:
             row = j.upsert_file(src.name, rel, kind, route=route.name, state="seen")
             METRICS.files_seen.labels(route.name).inc()
@@ -181,6 +188,10 @@ class Engine:
         elif row.fingerprint == fp and row.state != "seen":
             if row.state in ("ready", "delivering", "delivered"):
                 self._start_job(row.id)
+            return
+        elif row.state == "done" and verdict != "ready":
+            # Signals or payload going away (our own post-action, a consumer tidying up)
+            # is not new content. Only a new, valid signal starts a new generation.
             return
         elif row.state in ("done", "failed", "quarantined"):
             j.new_generation(row.id, state="seen", route=route.name, sha256=None, size=None,
@@ -350,7 +361,8 @@ class Engine:
                            members: list[Member]) -> None:
         if row.kind == "file":
             ev = await asyncio.to_thread(gather, src.path, row.rel, src.ready, False)
-            if ev.fingerprint != row.fingerprint and route.then != "keep":
+            if ev.fingerprint != row.fingerprint and route.then != "keep" \
+                    and ev.verdict != "gone" and (src.path / row.rel).exists():
                 log.warning("post_action_skipped", file=row.rel, route=route.name,
                             reason="source changed after it was delivered")
                 self._finish(row, route)

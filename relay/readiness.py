@@ -166,9 +166,13 @@ class Evidence:
     notes: list[str] = field(default_factory=list)
 
 
-def _read_small(path: Path) -> str:
+def _read_small(path: Path, stats: list[str] | None = None) -> str:
+    """Read a signal file (at most MAX_SIGNAL_BYTES). Its fingerprint, appended to
+    ``stats``, is taken *after* reading, so it describes the bytes we actually read."""
     with open(path, "rb") as f:
         data = f.read(MAX_SIGNAL_BYTES + 1)
+        if stats is not None:
+            stats.append(_fp(os.fstat(f.fileno())))
     if len(data) > MAX_SIGNAL_BYTES:
         raise MalformedSignal(f"larger than {MAX_SIGNAL_BYTES} bytes; not a checksum file")
     try:
@@ -258,12 +262,12 @@ def gather(root: Path, rel: str, ready: ReadyRule, marker_stale: bool = False) -
         sst = _stat(root / sig)
         if sst is None:
             continue
-        fps.append(_fp(sst))
         try:
             if not stat.S_ISREG(sst.st_mode):
                 raise MalformedSignal("not a regular file")
-            sidecars.append((sig, algo, _read_small(root / sig)))
+            sidecars.append((sig, algo, _read_small(root / sig, fps)))
         except (OSError, MalformedSignal) as exc:
+            fps.append(_fp(sst))
             sidecars.append((sig, algo, MalformedSignal(str(exc))))
     markers: list[tuple[str, os.stat_result, str | Exception]] = []
     for suffix in ready.markers:
@@ -271,12 +275,12 @@ def gather(root: Path, rel: str, ready: ReadyRule, marker_stale: bool = False) -
         mst = _stat(root / sig)
         if mst is None:
             continue
-        fps.append(_fp(mst))
         try:
             if not stat.S_ISREG(mst.st_mode):
                 raise MalformedSignal("not a regular file")
-            markers.append((sig, mst, _read_small(root / sig)))
+            markers.append((sig, mst, _read_small(root / sig, fps)))
         except (OSError, MalformedSignal) as exc:
+            fps.append(_fp(mst))
             markers.append((sig, mst, MalformedSignal(str(exc))))
     ev = decide(rel, pst, sidecars, markers, marker_stale)
     ev.fingerprint = "|".join(fps)

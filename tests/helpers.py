@@ -84,15 +84,19 @@ class RelayProc:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> RelayProc:
+        self._starts = self._count(b"relay_started")
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen([*RELAY, "run"], env=self.env, stdout=self._log,
                                      stderr=subprocess.STDOUT)
         return self
 
     def wait_started(self, timeout: float = 20) -> None:
-        wait_for(lambda: b"relay_started" in self.log_path.read_bytes() or self._dead(),
+        wait_for(lambda: self._count(b"relay_started") > self._starts or self._dead(),
                  timeout, "relay_started")
         assert not self._dead(), self.log_path.read_text()[-3000:]
+
+    def _count(self, needle: bytes) -> int:
+        return self.log_path.read_bytes().count(needle) if self.log_path.exists() else 0
 
     def _dead(self) -> bool:
         return self.proc is not None and self.proc.poll() is not None
