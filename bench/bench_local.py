@@ -1,0 +1,231 @@
+"""Local → local benchmarks: relay against the careful shell alternative, same run.
+
+Scenarios: one large file with a sha256 sidecar (relay vs `openssl dgst -sha256` + `cp` +
+`sync`, and vs `cp` + `sync` alone); many small files with sidecars (files/s); signal
+latency (sidecar written → downstream sidecar visible) for files arriving one by one.
+
+    python bench/bench_local.py            # 1 GiB, 1,000 small files, 200 latency samples
+    python bench/bench_local.py --quick    # seconds-long smoke run (used by the tests)
+
+Prints a table and JSON; writes bench/results/local-<date>.json unless --no-save.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+
+
+def _rules(root: Path, src: Path, out: Path) -> Path:
+    rules = root / "rules"
+    rules.mkdir(exist_ok=True)
+    (rules / "r.yaml").write_text(yaml.safe_dump({
+        "sources": [{"name": "in", "path": str(src)}],
+        "destinations": [{"name": "out", "url": f"file://{out}"}],
+        "routes": [{"name": "r", "source": "in", "to": ["out"]}],
+    }))
+    return rules
+
+
+def _env(root: Path, rules: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"RELAY_RULES": str(rules), "RELAY_JOURNAL": str(root / "j.sqlite3"),
+                "RELAY_METRICS_ADDR": "", "RELAY_LOG_LEVEL": "warning", **extra})
+    return env
+
+
+def _relay_once(root: Path, rules: Path, **extra: str) -> float:
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "relay.cli", "run", "--once"],
+                   env=_env(root, rules, **extra), check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def _drop_caches_of(path: Path) -> None:
+    """Evict a file from the page cache, so each contender reads it from the same state."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _shell(cmd: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(["bash", "-c", cmd], check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def large(work: Path, size: int, runs: int) -> dict[str, object]:
+    src = work / "big-src"
+    src.mkdir()
+    payload = src / "big.bin"
+    with open(payload, "wb") as f:
+        block = os.urandom(1 << 20)
+        for _ in range(size >> 20):
+            f.write(block)
+    digest = hashlib.sha256(payload.read_bytes()).hexdigest() if size <= 1 << 28 else None
+    if digest is None:
+        h = hashlib.sha256()
+        with open(payload, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+        digest = h.hexdigest()
+    (src / "big.bin.sha256").write_text(f"{digest}  big.bin\n")
+    times: dict[str, list[float]] = {"relay": [], "openssl+cp+sync": [], "cp+sync": []}
+    for i in range(runs):
+        for name in times:
+            out = work / f"out-{name}-{i}"
+            out.mkdir()
+            _drop_caches_of(payload)
+            if name == "relay":
+                root = work / f"relay-{i}"
+                root.mkdir()
+                times[name].append(_relay_once(root, _rules(root, src, out)))
+            elif name == "openssl+cp+sync":
+                times[name].append(_shell(
+                    f"openssl dgst -sha256 {payload} >/dev/null && cp {payload} {out}/ "
+                    f"&& sync {out}/big.bin"))
+            else:
+                times[name].append(_shell(f"cp {payload} {out}/ && sync {out}/big.bin"))
+            shutil.rmtree(out)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"size_bytes": size, "runs": runs, "median_s": med,
+            "mb_s": {k: round(size / v / 1e6, 1) for k, v in med.items()},
+            "ratio_relay_vs_openssl_cp_sync": round(med["relay"] / med["openssl+cp+sync"], 3),
+            "ratio_relay_vs_cp_sync": round(med["relay"] / med["cp+sync"], 3)}
+
+
+def small(work: Path, count: int, sync: str) -> dict[str, object]:
+    src, out, root = work / f"small-{sync}", work / f"small-out-{sync}", work / f"sr-{sync}"
+    for p in (src, out, root):
+        p.mkdir()
+    for i in range(count):
+        data = os.urandom(4096)
+        d = src / f"d{i % 10}"
+        d.mkdir(exist_ok=True)
+        (d / f"f{i}.dat").write_bytes(data)
+        (d / f"f{i}.dat.sha256").write_text(hashlib.sha256(data).hexdigest())
+    secs = _relay_once(root, _rules(root, src, out), RELAY_JOURNAL_SYNC=sync,
+                       RELAY_CONCURRENCY="8")
+    delivered = sum(1 for _ in out.rglob("*.dat"))
+    assert delivered == count, (delivered, count)
+    return {"files": count, "journal_sync": sync, "seconds": round(secs, 3),
+            "files_per_s": round(count / secs, 1)}
+
+
+def latency(work: Path, samples: int) -> dict[str, object]:
+    src, out, root = work / "lat-src", work / "lat-out", work / "lat"
+    for p in (src, out, root):
+        p.mkdir()
+    rules = _rules(root, src, out)
+    proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "run"],
+                            env=_env(root, rules, RELAY_LOG_LEVEL="info"),
+                            stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # wait until it watches
+        if b"relay_started" in line:
+            break
+    lat: list[float] = []
+    try:
+        for i in range(samples):
+            data = os.urandom(4096)
+            (src / f"l{i}.dat").write_bytes(data)
+            t0 = time.perf_counter()
+            (src / f"l{i}.dat.sha256").write_text(hashlib.sha256(data).hexdigest())
+            target = out / f"l{i}.dat.sha256"
+            deadline = t0 + 10
+            while not target.exists():
+                if time.perf_counter() > deadline:
+                    raise RuntimeError(f"sample {i} not delivered in 10 s")
+                time.sleep(0.0005)
+            lat.append(time.perf_counter() - t0)
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lat.sort()
+    return {"samples": samples, "p50_ms": round(lat[len(lat) // 2] * 1000, 2),
+            "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 2),
+            "max_ms": round(lat[-1] * 1000, 2)}
+
+
+def machine() -> dict[str, object]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "kernel": platform.release()}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--small", type=int, default=1000)
+    ap.add_argument("--latency", type=int, default=200)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where to create files (default: a temp dir on the same disk as /var/tmp)")
+    a = ap.parse_args()
+    if a.quick:
+        a.size_mib, a.small, a.latency, a.runs = 8, 50, 10, 1
+    base = a.workdir or Path("/var/tmp")
+    with tempfile.TemporaryDirectory(prefix="relay-bench-", dir=base) as tmp:
+        work = Path(tmp)
+        result = {
+            "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "machine": machine(),
+            "large": large(work, a.size_mib << 20, a.runs),
+            "small_full": small(work, a.small, "full"),
+            "small_normal": small(work, a.small, "normal"),
+            "latency": latency(work, a.latency),
+        }
+    lg = result["large"]
+    assert isinstance(lg, dict)
+    print(f"\nmachine: {result['machine']}")
+    print(f"{'scenario':<44} {'result':>14}")
+    for k, v in lg["median_s"].items():
+        print(f"{'large ' + str(a.size_mib) + ' MiB: ' + k:<44} {v:>9.3f} s  "
+              f"({lg['mb_s'][k]} MB/s)")
+    print(f"{'  relay / (openssl dgst + cp + sync)':<44} {lg['ratio_relay_vs_openssl_cp_sync']:>11}x")
+    print(f"{'  relay / (cp + sync)':<44} {lg['ratio_relay_vs_cp_sync']:>11}x")
+    for key in ("small_full", "small_normal"):
+        s = result[key]
+        assert isinstance(s, dict)
+        label = f"{s['files']} x 4 KiB + sidecar, journal {s['journal_sync']}"
+        print(f"{label:<44} {s['files_per_s']:>9} files/s")
+    la = result["latency"]
+    assert isinstance(la, dict)
+    print(f"{'signal latency p50 / p99':<44} {la['p50_ms']:>6} / {la['p99_ms']} ms")
+    print(json.dumps(result, indent=2))
+    if not a.no_save and not a.quick:
+        out = HERE / "results" / f"local-{dt.date.today().isoformat()}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

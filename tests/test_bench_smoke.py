@@ -1,0 +1,20 @@
+"""The benchmark scripts still run (tiny sizes), so bench/ never rots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_bench_local_quick_runs_and_reports() -> None:
+    """bench_local.py --quick completes and prints every scenario's numbers as JSON."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_local.py"), "--quick",
+                          "--no-save"], capture_output=True, text=True, timeout=300, check=True)
+    data = json.loads(res.stdout[res.stdout.index("\n{") + 1:])
+    assert data["large"]["mb_s"]["relay"] > 0
+    assert data["small_full"]["files"] == 50 and data["small_full"]["files_per_s"] > 0
+    assert data["latency"]["samples"] == 10 and data["latency"]["p50_ms"] > 0
