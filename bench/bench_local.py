@@ -209,7 +209,8 @@ def main() -> int:
     for k, v in lg["median_s"].items():
         print(f"{'large ' + str(a.size_mib) + ' MiB: ' + k:<44} {v:>9.3f} s  "
               f"({lg['mb_s'][k]} MB/s)")
-    print(f"{'  relay / (openssl dgst + cp + sync)':<44} {lg['ratio_relay_vs_openssl_cp_sync']:>11}x")
+    ratio = lg["ratio_relay_vs_openssl_cp_sync"]
+    print(f"{'  relay / (openssl dgst + cp + sync)':<44} {ratio:>11}x")
     print(f"{'  relay / (cp + sync)':<44} {lg['ratio_relay_vs_cp_sync']:>11}x")
     for key in ("small_full", "small_normal"):
         s = result[key]
