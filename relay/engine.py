@@ -20,6 +20,7 @@ from relay.config import Settings
 from relay.delivery import Member, Outcome, deliver_to
 from relay.destinations.base import Destination, open_destination
 from relay.errors import TransferError, UnsafePathError
+from relay.hashing import hash_file
 from relay.journal import FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS, serve
@@ -60,6 +61,7 @@ class Engine:
         self._sem = asyncio.Semaphore(settings.concurrency)
         self._ready = False
         self._gathered_at = 0.0
+        self.suspect: set[int] = set()  # files that failed verification once
         self._last_reason: dict[int, str] = {}
 
     # -- hints ---------------------------------------------------------------------------
@@ -266,6 +268,22 @@ class Engine:
             self.journal.update_file(row.id, state="waiting", reason="evidence changed")
             self.deferred[row.id] = key
             return
+        if row.state != "delivered" and row.id in self.suspect and row.kind == "file" \
+                and members[0].declared is not None:
+            # It failed verification before and is probably still being written: check
+            # by reading only, so we do not rewrite a destination temporary at every event.
+            decl = members[0].declared
+            try:
+                digests = await asyncio.to_thread(hash_file, str(src.path / row.rel),
+                                                  (decl.algo,))
+            except OSError as exc:
+                digests = {decl.algo: f"unreadable ({exc.strerror})"}
+            if digests[decl.algo] != decl.hexdigest:
+                self.journal.update_file(row.id, state="waiting",
+                                         reason=f"not complete yet: declared {decl.hexdigest} "
+                                                f"but content hashes to {digests[decl.algo]}")
+                self.deferred[row.id] = key
+                return
         if row.state != "delivered":
             when = datetime.fromtimestamp(row.ready_at or time.time(), UTC)
             try:
@@ -310,6 +328,8 @@ class Engine:
             if row.ready_at:
                 METRICS.signal_latency.labels(route.name).observe(time.time() - row.ready_at)
             return True
+        if "mismatch" in states:
+            self.suspect.add(row.id)
         if "mismatch" in states or "vanished" in states:
             why = next(o.error for o in outcomes if o.state in ("mismatch", "vanished"))
             j.update_file(row.id, state="waiting", reason=f"not complete yet: {why}",
@@ -387,6 +407,7 @@ class Engine:
 
     def _finish(self, row: FileRow, route: Route) -> None:
         self.journal.update_file(row.id, state="done", reason=None)
+        self.suspect.discard(row.id)
         self.payload_seq.pop((row.source, row.rel), None)
         self.marker_seq.pop((row.source, row.rel), None)
         log.info("file_done", file=row.rel, route=route.name, then=route.then,
