@@ -19,7 +19,7 @@ from relay import __version__
 from relay.config import Settings, load_settings
 from relay.errors import RelayError, RuleProblem, RulesError
 from relay.logs import configure, get_logger
-from relay.rules import Rules, load_rules, rules_json_schema
+from relay.rules import Rules, environment_problems, load_rules, rules_json_schema
 
 __all__ = ["main"]
 
@@ -100,29 +100,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"relay: {exc}", file=sys.stderr)
         return 2
     return 2
-
-
-def environment_problems(rules: Rules) -> list[RuleProblem]:
-    """Problems a schema cannot see: missing source folders, loops."""
-    from relay.destinations.local import file_url_root
-
-    out = []
-    for s in rules.sources:
-        if not s.path.is_dir():
-            out.append(RuleProblem(rules.files[0] if len(rules.files) == 1 else "(rules)", None,
-                                   f"sources[{s.name}].path",
-                                   f"{s.path} is not an existing directory"))
-    for d in rules.destinations:
-        if d.scheme != "file":
-            continue
-        root = file_url_root(d.url).absolute().resolve()
-        for s in rules.sources:
-            src = s.path.absolute().resolve()
-            if root == src or src in root.parents:
-                out.append(RuleProblem("(rules)", None, f"destinations[{d.name}].url",
-                                       f"{root} is inside source {s.name} ({src}): "
-                                       "relay would forward its own output"))
-    return out
 
 
 def _load_or_report(settings: Settings) -> Rules | None:

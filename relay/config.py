@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     retry_base: float = Field(1.0, gt=0, description="First retry delay, seconds.")
     retry_cap: float = Field(300.0, gt=0, description="Longest retry delay, seconds.")
     retry_max_attempts: int = Field(20, ge=1, description="Attempts before a delivery fails.")
+    breaker_threshold: int = Field(
+        5, ge=1, description="Consecutive failed attempts that back a destination off.")
+    breaker_cooldown: float = Field(
+        5.0, gt=0, description="First back-off of a failing destination, seconds (doubles).")
     progress_interval: float = Field(10.0, gt=0, description="Seconds between progress logs.")
     shutdown_timeout: float = Field(
         20.0, ge=0, description="On SIGTERM, wait this long for transfers before abandoning."

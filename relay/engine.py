@@ -13,20 +13,23 @@ import os
 import shutil
 import signal
 import time
+from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from relay.breaker import Breaker
 from relay.config import Settings
 from relay.delivery import Member, Outcome, deliver_to
 from relay.destinations.base import Destination, open_destination
-from relay.errors import TransferError, UnsafePathError
+from relay.errors import RulesError, TransferError, UnsafePathError
 from relay.hashing import hash_file
 from relay.journal import FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS, serve
 from relay.paths import compile_glob, render_template, safe_relpath
 from relay.readiness import Declared, classify, gather, gather_batch
-from relay.rules import Route, Rules, SourceRule
+from relay.rules import Route, Rules, SourceRule, environment_problems, load_rules
 from relay.watcher import SourceWatcher, scan
 
 __all__ = ["Engine", "is_ignored"]
@@ -62,7 +65,15 @@ class Engine:
         self._ready = False
         self._gathered_at = 0.0
         self.suspect: set[int] = set()  # files that failed verification once
+        self.breakers: dict[str, Breaker] = {}
+        self._bg: set[asyncio.Task[None]] = set()
         self._last_reason: dict[int, str] = {}
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a background coroutine, keeping a reference so it is not collected."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._bg.add(task)
+        task.add_done_callback(self._bg.discard)
 
     # -- hints ---------------------------------------------------------------------------
 
@@ -70,7 +81,7 @@ class Engine:
         """Something happened at ``rel``: look at whatever it speaks for again."""
         src = self.rules.source(source)
         if kind == "dir":
-            asyncio.get_running_loop().create_task(self._scan(src, rel))
+            self._spawn(self._scan(src, rel))
             return
         if is_ignored(src, rel):
             return
@@ -316,8 +327,24 @@ class Engine:
         due = [d.next_try_at for d in rows if d.state == "retry_wait" and d.next_try_at]
         if due and max(due) > time.time():
             return Outcome("retry_wait", rows[0].last_error, max(due))
-        return await deliver_to(self.journal, self.dests[dname], row, route, src.path, members,
-                                marker, retry, self.settings.progress_interval)
+        breaker = self.breakers.setdefault(dname, Breaker(
+            threshold=self.settings.breaker_threshold, base=self.settings.breaker_cooldown,
+            cap=self.settings.retry_cap))
+        if not breaker.allow():
+            return Outcome("retry_wait", f"destination {dname} backed off (circuit open)",
+                           max(breaker.open_until, time.time() + 1.0))
+        outcome = await deliver_to(self.journal, self.dests[dname], row, route, src.path,
+                                   members, marker, retry, self.settings.progress_interval)
+        if outcome.state in ("delivered", "retry_wait", "failed"):
+            was_open = breaker.is_open
+            if breaker.record(outcome.state == "delivered"):
+                log.warning("destination_circuit_opened", destination=dname,
+                            failures=breaker.failures, error=outcome.error,
+                            retry_in_s=round(breaker.open_until - time.time(), 1))
+            elif was_open and not breaker.is_open:
+                log.info("destination_circuit_closed", destination=dname)
+            METRICS.circuit_open.labels(dname).set(1 if breaker.is_open else 0)
+        return outcome
 
     def _settle(self, row: FileRow, route: Route, key: Key, outcomes: list[Outcome]) -> bool:
         """Record the job's result on the file row; True when every destination has it."""
@@ -470,6 +497,45 @@ class Engine:
         with contextlib.suppress(OSError):
             METRICS.journal_bytes.set(os.path.getsize(self.journal.path))
 
+    def reload(self) -> None:
+        """SIGHUP: load the rules again; an invalid edit is rejected and the old rules stay."""
+        try:
+            rules = load_rules(self.settings.rules)
+            problems = environment_problems(rules)
+            if problems:
+                raise RulesError(problems)
+        except RulesError as exc:
+            log.error("rules_reload_rejected", error=str(exc), problems=len(exc.problems))
+            return
+        loop = asyncio.get_running_loop()
+        old = self.rules
+        self.rules = rules
+        for d in rules.destinations:
+            if d.name not in self.dests or self.dests[d.name].rule != d:
+                previous = self.dests.get(d.name)
+                self.dests[d.name] = open_destination(d, self.settings.secrets_dir)
+                self._spawn(self._swap_destination(self.dests[d.name], previous))
+        if {s for s in old.sources} != {s for s in rules.sources}:
+            for w in self.watchers:
+                w.stop()
+            self.watchers = []
+            for src in rules.sources:
+                w = SourceWatcher(src, loop, self.hint)
+                w.start()
+                self.watchers.append(w)
+        for src in rules.sources:
+            self._spawn(self._scan(src))
+        log.info("rules_reloaded", sources=len(rules.sources),
+                 destinations=len(rules.destinations), routes=len(rules.routes))
+
+    async def _swap_destination(self, new: Destination, old: Destination | None) -> None:
+        try:
+            await new.start()
+        except TransferError as exc:
+            log.error("destination_unavailable", destination=new.name, error=str(exc))
+        if old is not None:
+            await old.close()
+
     def stop(self) -> None:
         if not self.stopping.is_set():
             log.info("relay_stopping")
@@ -483,6 +549,8 @@ class Engine:
         self.settings_once = once
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
+        if not once:
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
         server = None
         if self.settings.metrics_addr and not once:
             server = serve(self.settings.metrics_addr, loop, self.ready)

@@ -24,6 +24,7 @@ __all__ = [
     "Route",
     "Rules",
     "SourceRule",
+    "environment_problems",
     "load_rules",
     "parse_duration",
     "rules_json_schema",
@@ -341,3 +342,26 @@ def rules_json_schema() -> dict[str, Any]:
     schema["title"] = "relay rules file"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
+
+
+def environment_problems(rules: Rules) -> list[RuleProblem]:
+    """Problems a schema cannot see: missing source folders, loops."""
+    from relay.destinations.local import file_url_root
+
+    out = []
+    for s in rules.sources:
+        if not s.path.is_dir():
+            out.append(RuleProblem(rules.files[0] if len(rules.files) == 1 else "(rules)", None,
+                                   f"sources[{s.name}].path",
+                                   f"{s.path} is not an existing directory"))
+    for d in rules.destinations:
+        if d.scheme != "file":
+            continue
+        root = file_url_root(d.url).absolute().resolve()
+        for s in rules.sources:
+            src = s.path.absolute().resolve()
+            if root == src or src in root.parents:
+                out.append(RuleProblem("(rules)", None, f"destinations[{d.name}].url",
+                                       f"{root} is inside source {s.name} ({src}): "
+                                       "relay would forward its own output"))
+    return out

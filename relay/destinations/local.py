@@ -83,6 +83,11 @@ class LocalDestination:
         return full
 
     def _makedirs(self, d: Path) -> None:
+        """Create folders below the root. The root itself is never created: a missing
+        root usually means an unmounted volume, and writing into the mount point would
+        hide files from the consumer."""
+        if not self.root.is_dir():
+            raise RetryableError(f"destination root {self.root} does not exist")
         missing = []
         while not d.exists():
             missing.append(d)
