@@ -151,13 +151,14 @@ async def _probe(settings: Settings, rules: Rules) -> int:
 
 
 def _run(settings: Settings, rules: Rules, once: bool) -> int:
+    from relay.daemon import Daemon
     from relay.engine import Engine
     from relay.journal import Journal
 
     journal = Journal(settings.journal, settings.journal_sync)
     started = time.monotonic()
     try:
-        code = asyncio.run(Engine(settings, rules, journal).run(once=once))
+        code = asyncio.run(Daemon(Engine(settings, rules, journal)).run(once=once))
     finally:
         journal.close()
     get_logger().info("relay_exit", code=code,

@@ -8,10 +8,8 @@ become jobs, at most ``concurrency`` at a time, each fanning out to its destinat
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
-import signal
 import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
@@ -22,14 +20,14 @@ from relay.breaker import Breaker
 from relay.config import Settings
 from relay.delivery import Member, Outcome, deliver_to
 from relay.destinations.base import Destination, open_destination
-from relay.errors import RulesError, TransferError, UnsafePathError
+from relay.errors import TransferError, UnsafePathError
 from relay.hashing import hash_file
 from relay.journal import FileRow, Journal
 from relay.logs import get_logger
-from relay.metrics import METRICS, serve
+from relay.metrics import METRICS
 from relay.paths import compile_glob, render_template, safe_relpath
 from relay.readiness import Declared, classify, gather, gather_batch
-from relay.rules import Route, Rules, SourceRule, environment_problems, load_rules
+from relay.rules import Route, Rules, SourceRule
 from relay.watcher import SourceWatcher, scan
 
 __all__ = ["Engine", "is_ignored"]
@@ -469,141 +467,11 @@ class Engine:
             return False, f"watcher stopped: {', '.join(dead)}"
         return True, "ready"
 
-    async def _periodic(self) -> None:
-        interval = self.settings.rescan_interval
-        next_scan = time.monotonic() + interval if interval else None
-        while not self.stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stopping.wait(), timeout=5.0)
-            self._check_deadlines()
-            self._journal_gauges()
-            if next_scan is not None and time.monotonic() >= next_scan:
-                next_scan = time.monotonic() + interval
-                for src in self.rules.sources:
-                    await self._scan(src)
-
-    def _check_deadlines(self) -> None:
-        now = time.time()
-        for row in self.journal.files("waiting"):
-            src = self.rules.source(row.source)
-            deadline = src.ready.deadline
-            if deadline and row.waiting_since and now - row.waiting_since > deadline:
-                self._quarantine(row, self.rules.route(row.route or ""),
-                                 f"still waiting after {deadline:g}s: {row.reason}")
-
-    def _journal_gauges(self) -> None:
-        for state, n in self.journal.counts().items():
-            METRICS.journal_files.labels(state).set(n)
-        with contextlib.suppress(OSError):
-            METRICS.journal_bytes.set(os.path.getsize(self.journal.path))
-
-    def reload(self) -> None:
-        """SIGHUP: load the rules again; an invalid edit is rejected and the old rules stay."""
-        try:
-            rules = load_rules(self.settings.rules)
-            problems = environment_problems(rules)
-            if problems:
-                raise RulesError(problems)
-        except RulesError as exc:
-            log.error("rules_reload_rejected", error=str(exc), problems=len(exc.problems))
-            return
-        loop = asyncio.get_running_loop()
-        old = self.rules
-        self.rules = rules
-        for d in rules.destinations:
-            if d.name not in self.dests or self.dests[d.name].rule != d:
-                previous = self.dests.get(d.name)
-                self.dests[d.name] = open_destination(d, self.settings.secrets_dir)
-                self._spawn(self._swap_destination(self.dests[d.name], previous))
-        if {s for s in old.sources} != {s for s in rules.sources}:
-            for w in self.watchers:
-                w.stop()
-            self.watchers = []
-            for src in rules.sources:
-                w = SourceWatcher(src, loop, self.hint)
-                w.start()
-                self.watchers.append(w)
-        for src in rules.sources:
-            self._spawn(self._scan(src))
-        log.info("rules_reloaded", sources=len(rules.sources),
-                 destinations=len(rules.destinations), routes=len(rules.routes))
-
-    async def _swap_destination(self, new: Destination, old: Destination | None) -> None:
-        try:
-            await new.start()
-        except TransferError as exc:
-            log.error("destination_unavailable", destination=new.name, error=str(exc))
-        if old is not None:
-            await old.close()
-
     def stop(self) -> None:
         if not self.stopping.is_set():
             log.info("relay_stopping")
             self.stopping.set()
             self._wake.set()
-
-    async def run(self, once: bool = False) -> int:
-        """Run until stopped (or, with ``once``, until nothing is left to do). Returns the
-        exit code: 0, or 1 if any file failed."""
-        loop = asyncio.get_running_loop()
-        self.settings_once = once
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
-        if not once:
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
-        server = None
-        if self.settings.metrics_addr and not once:
-            server = serve(self.settings.metrics_addr, loop, self.ready)
-        for dest in self.dests.values():
-            try:
-                await dest.start()
-            except TransferError as exc:
-                log.error("destination_unavailable", destination=dest.name, error=str(exc))
-        await self.recover()
-        if not once:
-            for src in self.rules.sources:
-                w = SourceWatcher(src, loop, self.hint)
-                w.start()
-                self.watchers.append(w)
-        for src in self.rules.sources:
-            await self._scan(src)
-        log.info("relay_started", sources=len(self.rules.sources),
-                 destinations=len(self.dests), routes=len(self.rules.routes), once=once)
-        self._ready = True
-        evaluator = loop.create_task(self._evaluator())
-        periodic = loop.create_task(self._periodic()) if not once else None
-        if once:
-            while self.dirty or self.jobs or self._evaluating:
-                await asyncio.sleep(0.02)
-            self.stop()
-        await self.stopping.wait()
-        await self._shutdown(evaluator, periodic)
-        if server is not None:
-            server.shutdown()
-        return 1 if self.failed else 0
-
-    async def _shutdown(self, *tasks: asyncio.Task[None] | None) -> None:
-        for w in self.watchers:
-            w.stop()
-        for t in self.timers.values():
-            t.cancel()
-        if self.jobs:
-            log.info("relay_draining", in_flight=len(self.jobs),
-                     timeout_s=self.settings.shutdown_timeout)
-            _, pending = await asyncio.wait(list(self.jobs.values()),
-                                            timeout=self.settings.shutdown_timeout)
-            for job in pending:
-                job.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=5)
-                log.warning("relay_abandoned", in_flight=len(pending),
-                            note="journalled; resumed on next start")
-        for task in tasks:
-            if task is not None:
-                task.cancel()
-        for dest in self.dests.values():
-            await dest.close()
-        log.info("relay_stopped")
 
 
 def _apply_then(root: Path, paths: list[str], then: str) -> None:

@@ -1,0 +1,161 @@
+"""The daemon around the engine: start-up, signals (SIGTERM/SIGINT stop, SIGHUP reloads
+the rules), watchers, periodic rescans and deadlines, the HTTP endpoints, and a staged
+shutdown — stop intake, let in-flight transfers finish until a deadline, then abandon
+them to the journal (they resume on the next start)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+
+from relay.destinations.base import Destination, open_destination
+from relay.engine import Engine
+from relay.errors import RulesError, TransferError
+from relay.logs import get_logger
+from relay.metrics import METRICS, serve
+from relay.rules import environment_problems, load_rules
+from relay.watcher import SourceWatcher
+
+__all__ = ["Daemon"]
+
+log = get_logger()
+
+
+class Daemon:
+    """Runs one :class:`Engine` until stopped."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+
+    async def _periodic(self) -> None:
+        interval = self.e.settings.rescan_interval
+        next_scan = time.monotonic() + interval if interval else None
+        while not self.e.stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.e.stopping.wait(), timeout=5.0)
+            self._check_deadlines()
+            self._journal_gauges()
+            if next_scan is not None and time.monotonic() >= next_scan:
+                next_scan = time.monotonic() + interval
+                for src in self.e.rules.sources:
+                    await self.e._scan(src)
+
+    def _check_deadlines(self) -> None:
+        now = time.time()
+        for row in self.e.journal.files("waiting"):
+            src = self.e.rules.source(row.source)
+            deadline = src.ready.deadline
+            if deadline and row.waiting_since and now - row.waiting_since > deadline:
+                self.e._quarantine(row, self.e.rules.route(row.route or ""),
+                                 f"still waiting after {deadline:g}s: {row.reason}")
+
+    def _journal_gauges(self) -> None:
+        for state, n in self.e.journal.counts().items():
+            METRICS.journal_files.labels(state).set(n)
+        with contextlib.suppress(OSError):
+            METRICS.journal_bytes.set(os.path.getsize(self.e.journal.path))
+
+    def reload(self) -> None:
+        """SIGHUP: load the rules again; an invalid edit is rejected and the old rules stay."""
+        try:
+            rules = load_rules(self.e.settings.rules)
+            problems = environment_problems(rules)
+            if problems:
+                raise RulesError(problems)
+        except RulesError as exc:
+            log.error("rules_reload_rejected", error=str(exc), problems=len(exc.problems))
+            return
+        loop = asyncio.get_running_loop()
+        old = self.e.rules
+        self.e.rules = rules
+        for d in rules.destinations:
+            if d.name not in self.e.dests or self.e.dests[d.name].rule != d:
+                previous = self.e.dests.get(d.name)
+                self.e.dests[d.name] = open_destination(d, self.e.settings.secrets_dir)
+                self.e._spawn(self._swap_destination(self.e.dests[d.name], previous))
+        if {s for s in old.sources} != {s for s in rules.sources}:
+            for w in self.e.watchers:
+                w.stop()
+            self.e.watchers = []
+            for src in rules.sources:
+                w = SourceWatcher(src, loop, self.e.hint)
+                w.start()
+                self.e.watchers.append(w)
+        for src in rules.sources:
+            self.e._spawn(self.e._scan(src))
+        log.info("rules_reloaded", sources=len(rules.sources),
+                 destinations=len(rules.destinations), routes=len(rules.routes))
+
+    async def _swap_destination(self, new: Destination, old: Destination | None) -> None:
+        try:
+            await new.start()
+        except TransferError as exc:
+            log.error("destination_unavailable", destination=new.name, error=str(exc))
+        if old is not None:
+            await old.close()
+
+    async def run(self, once: bool = False) -> int:
+        """Run until stopped (or, with ``once``, until nothing is left to do). Returns the
+        exit code: 0, or 1 if any file failed."""
+        loop = asyncio.get_running_loop()
+        self.e.settings_once = once
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.e.stop)
+        if not once:
+            loop.add_signal_handler(signal.SIGHUP, self.reload)
+        server = None
+        if self.e.settings.metrics_addr and not once:
+            server = serve(self.e.settings.metrics_addr, loop, self.e.ready)
+        for dest in self.e.dests.values():
+            try:
+                await dest.start()
+            except TransferError as exc:
+                log.error("destination_unavailable", destination=dest.name, error=str(exc))
+        await self.e.recover()
+        if not once:
+            for src in self.e.rules.sources:
+                w = SourceWatcher(src, loop, self.e.hint)
+                w.start()
+                self.e.watchers.append(w)
+        for src in self.e.rules.sources:
+            await self.e._scan(src)
+        log.info("relay_started", sources=len(self.e.rules.sources),
+                 destinations=len(self.e.dests), routes=len(self.e.rules.routes), once=once)
+        self.e._ready = True
+        evaluator = loop.create_task(self.e._evaluator())
+        periodic = loop.create_task(self._periodic()) if not once else None
+        if once:
+            while self.e.dirty or self.e.jobs or self.e._evaluating:
+                await asyncio.sleep(0.02)
+            self.e.stop()
+        await self.e.stopping.wait()
+        await self._shutdown(evaluator, periodic)
+        if server is not None:
+            server.shutdown()
+        return 1 if self.e.failed else 0
+
+    async def _shutdown(self, *tasks: asyncio.Task[None] | None) -> None:
+        for w in self.e.watchers:
+            w.stop()
+        for t in self.e.timers.values():
+            t.cancel()
+        if self.e.jobs:
+            log.info("relay_draining", in_flight=len(self.e.jobs),
+                     timeout_s=self.e.settings.shutdown_timeout)
+            _, pending = await asyncio.wait(list(self.e.jobs.values()),
+                                            timeout=self.e.settings.shutdown_timeout)
+            for job in pending:
+                job.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+                log.warning("relay_abandoned", in_flight=len(pending),
+                            note="journalled; resumed on next start")
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        for dest in self.e.dests.values():
+            await dest.close()
+        log.info("relay_stopped")
