@@ -135,13 +135,15 @@ def latency(work: Path, samples: int) -> dict[str, object]:
     for p in (src, out, root):
         p.mkdir()
     rules = _rules(root, src, out)
-    proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "run"],
-                            env=_env(root, rules, RELAY_LOG_LEVEL="info"),
-                            stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    for line in proc.stdout:  # wait until it watches
-        if b"relay_started" in line:
-            break
+    log = root / "relay.log"
+    with open(log, "wb") as logf:  # a file, not a pipe: an unread pipe would stall relay
+        proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "run"],
+                                env=_env(root, rules, RELAY_LOG_LEVEL="info"), stdout=logf)
+    deadline = time.perf_counter() + 30
+    while b"relay_started" not in log.read_bytes():  # wait until it watches
+        if time.perf_counter() > deadline or proc.poll() is not None:
+            raise RuntimeError("relay did not start")
+        time.sleep(0.01)
     lat: list[float] = []
     try:
         for i in range(samples):
