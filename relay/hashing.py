@@ -4,9 +4,11 @@ when a signal declared another algorithm, that one too."""
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 from collections.abc import Iterable
 
-__all__ = ["CHUNK", "MultiHash", "hash_file"]
+__all__ = ["CHUNK", "HashPipe", "MultiHash", "hash_file"]
 
 CHUNK = 1024 * 1024  # 1 MiB: big enough that hashlib releases the GIL and syscalls amortise
 
@@ -47,3 +49,47 @@ def hash_file(path: str, algos: Iterable[str] = (), limit: int | None = None) ->
             if left is not None:
                 left -= n
     return mh.hexdigests()
+
+
+class HashPipe:
+    """Hash on a helper thread while the caller writes the same buffers.
+
+    The caller takes a free buffer (``take``), fills and writes it, then hands it over
+    (``give``); the helper hashes it and returns it to the pool. hashlib and os.write both
+    release the GIL, so on two cores hashing costs almost nothing on top of the copy. The
+    order of ``give`` calls is the order of hashing.
+    """
+
+    def __init__(self, mh: MultiHash, buffers: int = 4, size: int = 4 * CHUNK) -> None:
+        self.mh = mh
+        self._free: queue.Queue[bytearray] = queue.Queue()
+        for _ in range(buffers):
+            self._free.put(bytearray(size))
+        self._todo: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="relay-hash", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._todo.get()) is not None:
+            buf, n = item
+            try:
+                if self._error is None:
+                    self.mh.update(memoryview(buf)[:n])
+            except BaseException as exc:  # surfaced by close()
+                self._error = exc
+            self._free.put(buf)
+
+    def take(self) -> bytearray:
+        return self._free.get()
+
+    def give(self, buf: bytearray, n: int) -> None:
+        self._todo.put((buf, n))
+
+    def close(self) -> dict[str, str]:
+        """Wait for every buffer to be hashed; the digests."""
+        self._todo.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self.mh.hexdigests()
