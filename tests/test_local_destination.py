@@ -1,0 +1,66 @@
+"""LocalDestination: every copy path yields the exact bytes and their digests."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import pytest
+
+from relay.destinations.local import LocalDestination
+from relay.errors import RetryableError
+from relay.rules import DestinationRule
+
+
+def _stage(dest: LocalDestination, src: Path, target: str) -> dict[str, str]:
+    async def go() -> dict[str, str]:
+        staged = await dest.stage(src, target, ("md5",), 0, lambda n: None)
+        assert (dest.root / staged.tmp).exists() and not (dest.root / target).exists()
+        await dest.commit(staged)
+        return staged.digests
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("size", [0, 1, 5_000_000, 9 * 1024 * 1024 + 7])
+@pytest.mark.parametrize("kernel_copy", [True, False])
+def test_copy_paths_are_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int,
+                              kernel_copy: bool) -> None:
+    """Small, large, in-kernel and fallback copies all produce identical bytes and digests."""
+    if not kernel_copy:
+        def refuse(*_a: object, **_k: object) -> int:
+            raise OSError(errno.EXDEV, "cross-device")
+        monkeypatch.setattr(os, "copy_file_range", refuse)
+    data = os.urandom(size)
+    (tmp_path / "src").write_bytes(data)
+    (tmp_path / "out").mkdir()
+    dest = LocalDestination(DestinationRule(name="o", url=f"file://{tmp_path / 'out'}"))
+    digests = _stage(dest, tmp_path / "src", "a/b/f.bin")
+    assert (tmp_path / "out/a/b/f.bin").read_bytes() == data
+    assert digests == {"sha256": hashlib.sha256(data).hexdigest(),
+                       "md5": hashlib.md5(data).hexdigest()}
+    assert [p.name for p in (tmp_path / "out/a/b").iterdir()] == ["f.bin"]
+
+
+def test_symlink_escape_in_destination_refused(tmp_path: Path) -> None:
+    """A folder inside the destination that links outside it is never written through."""
+    (tmp_path / "out").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "out" / "sub").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "src").write_bytes(b"x")
+    dest = LocalDestination(DestinationRule(name="o", url=f"file://{tmp_path / 'out'}"))
+    with pytest.raises(Exception, match="outside"):
+        _stage(dest, tmp_path / "src", "sub/f")
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+def test_missing_root_is_retryable_not_created(tmp_path: Path) -> None:
+    """A missing destination root (unmounted volume) is an error, never silently created."""
+    (tmp_path / "src").write_bytes(b"x")
+    dest = LocalDestination(DestinationRule(name="o", url=f"file://{tmp_path / 'gone'}"))
+    with pytest.raises(RetryableError, match="does not exist"):
+        _stage(dest, tmp_path / "src", "f")
+    assert not (tmp_path / "gone").exists()
