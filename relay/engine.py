@@ -84,7 +84,7 @@ class Engine:
         if is_ignored(src, rel):
             return
         what, target = classify(rel, src.ready)
-        if from_event:
+        if from_event and kind == "file":
             self.seq += 1
             if what == "payload":
                 self.payload_seq[(source, target)] = self.seq
@@ -113,10 +113,14 @@ class Engine:
                 return None
             parts.pop()
 
-    def _marker_stale(self, source: str, rel: str) -> bool:
-        """The watcher saw the payload change after the marker was last written."""
+    def _marker_stale(self, source: str, rel: str) -> bool | None:
+        """Did the watcher see the payload change after the marker was last written?
+        None when it saw neither (e.g. both were there at start-up)."""
         p = self.payload_seq.get((source, rel))
-        return p is not None and p > self.marker_seq.get((source, rel), -1)
+        m = self.marker_seq.get((source, rel))
+        if p is None and m is None:
+            return None
+        return (p or -1) > (m or -1)
 
     async def _scan(self, src: SourceRule, below: str = "") -> None:
         try:

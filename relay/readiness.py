@@ -197,13 +197,16 @@ def decide(
     payload: os.stat_result | None,
     sidecars: list[tuple[str, str, str | Exception]],
     markers: list[tuple[str, os.stat_result, str | Exception]],
-    marker_stale: bool,
+    marker_stale: bool | None,
 ) -> Evidence:
     """Pure decision for one payload.
 
     ``sidecars``: (signal rel, algo, body or read error); ``markers``: (signal rel, stat,
-    body or read error); ``marker_stale``: the watcher saw the payload change after the
-    marker was last written.
+    body or read error); ``marker_stale``: True/False when the watcher saw the order of the
+    last payload change and the last marker write (True: payload after marker), None when it
+    saw neither (start-up): then an empty marker older (mtime) than the payload waits.
+    Events win over mtimes because rewriting an empty marker does not always bump its mtime
+    (ext4 skips it for a truncate to the same size).
     """
     name = PurePosixPath(rel).name
     if payload is not None and not stat.S_ISREG(payload.st_mode):
@@ -238,7 +241,7 @@ def decide(
                 return Evidence(rel, "invalid", f"malformed digest in marker {sig}: {exc}",
                                 signal=sig)
             declared = Declared(a, h, sig)
-        elif marker_stale or payload.st_mtime_ns > mst.st_mtime_ns:
+        elif marker_stale or (marker_stale is None and payload.st_mtime_ns > mst.st_mtime_ns):
             # The payload changed after the (empty) marker was written: the marker
             # cannot vouch for these bytes. Only a rewrite of the marker can.
             return Evidence(rel, "waiting",
@@ -252,7 +255,8 @@ def decide(
                     notes=notes)
 
 
-def gather(root: Path, rel: str, ready: ReadyRule, marker_stale: bool = False) -> Evidence:
+def gather(root: Path, rel: str, ready: ReadyRule,
+           marker_stale: bool | None = None) -> Evidence:
     """Read the payload's stat and its signal files under ``root``, then :func:`decide`."""
     pst = _stat(root / rel)
     sidecars: list[tuple[str, str, str | Exception]] = []

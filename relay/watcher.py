@@ -19,7 +19,7 @@ from relay.rules import SourceRule
 
 __all__ = ["Hint", "SourceWatcher", "scan"]
 
-# (source name, relative path, what happened: "file" | "dir")
+# (source name, relative path, what happened: "file" | "closed" | "dir")
 Hint = Callable[[str, str, str], None]
 
 
@@ -53,7 +53,9 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
-        kind = "dir" if event.is_directory else "file"
+        # "closed" (close_write) means no new bytes: it must not make a marker stale.
+        kind = "dir" if event.is_directory else "closed" if event.event_type == "closed" \
+            else "file"
         for path in (event.src_path, getattr(event, "dest_path", "")):
             if path:
                 rel = self._rel(path)

@@ -194,3 +194,21 @@ def test_invalid_rules_refuse_to_start(tmp_path: Path) -> None:
                              capture_output=True, text=True, timeout=60)
         assert res.returncode != 0
         assert "r.yaml:6: routes[0].path" in res.stderr, res.stderr
+
+
+def test_marker_written_before_payload_is_closed_still_vouches(
+        tmp_path: Path, zone: tuple[Path, Path, Path]) -> None:
+    """A producer that writes the marker after its last write but before closing the
+    payload is served: closing adds no bytes, so it does not make the marker stale."""
+    src, out, rules = zone
+    relay = RelayProc(tmp_path, rules).start()
+    try:
+        relay.wait_started()
+        with open(src / "c.bin", "wb") as f:
+            f.write(b"c" * 50_000)
+            f.flush()
+            (src / "c.bin.done").write_text("")
+        wait_for(lambda: (out / "c.bin.sha256").exists(), 20, "delivery")
+        assert (out / "c.bin").read_bytes() == b"c" * 50_000
+    finally:
+        relay.stop()
