@@ -1,0 +1,456 @@
+"""``sftp://user@host:port/path`` destinations over asyncssh (the only module importing it).
+
+One pooled SSH connection per destination carries one SFTP channel; up to
+``rule.concurrency`` files move over it at once, each as pipelined write requests (so
+OpenSSH's MaxSessions is never a limit). On first connect the server is probed
+(:mod:`relay.destinations.sftp_probe`) and the delivery path uses what it found:
+
+    stage:  upload to the hidden temporary, hashing as it goes → fsync@openssh.com
+            → size check → optional read-back digest
+    commit: posix-rename@openssh.com onto the final name (without it: plain rename, and
+            if the name exists, ``overwrite: fail`` refuses while ``replace`` removes then
+            renames, logging a warning; never silently)
+
+Resume: with ``acked`` > 0 the temporary is reopened without truncation, its size checked
+against ``acked`` (and its prefix digest with ``verify: readback``) and the upload continues
+at ``acked``. Anything unproven — no temporary, a short one, a server that truncates on
+open or ignores offsets — deletes the partial, restarts from zero and counts a fallback.
+
+Every wait on the network is bounded: asyncssh's connect/login timeouts and keepalives,
+plus a watchdog that aborts the connection when a request stays unanswered for
+``max(login_timeout, 2 * keepalive_interval)`` seconds. Library exceptions are translated
+in :func:`_translate`, once: a refused host key is a PermanentError (an operator must look
+at known_hosts, then ``relay retry``); a refused login and everything network-shaped are
+RetryableErrors, so a partner fixing an account needs no operator on our side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import os
+import posixpath
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import asyncssh
+
+from relay.destinations.base import Progress, Staged, temp_name
+from relay.destinations.sftp_io import read_hash, upload
+from relay.destinations.sftp_probe import probe
+from relay.errors import PermanentError, RetryableError, SourceVanished
+from relay.hashing import MultiHash
+from relay.logs import get_logger
+from relay.rules import DestinationRule
+
+__all__ = ["SftpDestination", "parse_sftp_url"]
+
+log = get_logger()
+
+DEFAULT_CONCURRENCY = 8
+PREFERRED_CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"  # ~40% less CPU
+MAX_INFLIGHT = 16      # write requests in flight per file (OpenSSH's window is 2 MiB)
+PIECES_PER_BLOCK = 4   # source read + hashed per thread hop: 4 x the write limit
+
+
+def parse_sftp_url(url: str) -> tuple[str, str, int, str]:
+    """``sftp://user@host:port/abs/path`` → (user, host, port, root). As curl does, the path
+    is absolute; ``/~/dir`` (or no path) is relative to the login folder."""
+    parts = urlsplit(url)
+    path = unquote(parts.path)
+    if path in ("", "/", "/~", "/~/"):
+        root = "/" if path == "/" else "."
+    elif path.startswith("/~/"):
+        root = path[3:].rstrip("/")
+    else:
+        root = path.rstrip("/")
+    return (unquote(parts.username) if parts.username else getpass.getuser(),
+            parts.hostname or "", parts.port or 22, root)
+
+
+def _unsupported(exc: BaseException) -> bool:
+    """A server refusal (SFTP status), as opposed to a broken connection."""
+    return isinstance(exc, asyncssh.SFTPError) and not isinstance(
+        exc, asyncssh.SFTPConnectionLost | asyncssh.SFTPNoConnection)
+
+
+@dataclass
+class _Session:
+    """One SSH connection, its SFTP channel and the watchdog bounding every request."""
+
+    conn: asyncssh.SSHClientConnection
+    sftp: asyncssh.SFTPClient
+    stall: float
+    busy: int = 0
+    last: float = field(default_factory=time.monotonic)
+    dirs: set[str] = field(default_factory=set)
+    ready: bool = False  # root checked and server probed
+    _timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self.stall / 4, self._check)
+
+    def _check(self) -> None:
+        # wait_for() cannot interrupt a request stuck in the library; aborting the
+        # connection fails every outstanding request at once, exactly on time.
+        if self.busy and time.monotonic() - self.last > self.stall:
+            log.warning("sftp_connection_stalled", host=self.conn.get_extra_info("host"),
+                        stalled_s=round(time.monotonic() - self.last, 1))
+            self.conn.abort()
+            return
+        self.arm()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        if not self.busy:
+            self.last = time.monotonic()
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            self.last = time.monotonic()
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.conn.abort()
+
+
+class SftpDestination:
+    """A folder on an SFTP server, reached over one pooled SSH connection."""
+
+    def __init__(self, rule: DestinationRule, secrets_dir: Path | None = None) -> None:
+        self.name = rule.name
+        self.rule = rule
+        self.secrets_dir = secrets_dir
+        self.user, self.host, self.port, self.root = parse_sftp_url(rule.url)
+        self.can_resume = True
+        self.capabilities: dict[str, object] = {}
+        self.connections = 0  # successful logins so far (one per reconnect)
+        self._session: _Session | None = None
+        self._connecting = asyncio.Lock()
+        self._slots = asyncio.Semaphore(rule.concurrency or DEFAULT_CONCURRENCY)
+        self._stall = max(rule.login_timeout, 2 * rule.keepalive_interval)
+
+    # -- connection --------------------------------------------------------------------
+
+    def _secret(self, name: str | None) -> str | None:
+        if name is None:
+            return None
+        if self.secrets_dir is None:
+            raise PermanentError(f"secret {name!r} named but RELAY_SECRETS_DIR is not set")
+        try:
+            return (self.secrets_dir / name).read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            raise PermanentError(f"cannot read secret {name!r}: {exc.strerror}") from exc
+
+    async def _connect(self) -> _Session:
+        rule = self.rule
+        started = time.monotonic()
+        what = f"connecting to {self.host}:{self.port}"
+        with self._translate(what, None):
+            conn = await asyncio.wait_for(asyncssh.connect(
+                self.host, self.port, username=self.user, config=[], agent_path=None,
+                known_hosts=str(rule.known_hosts) if rule.known_hosts else (),
+                client_keys=[str(rule.identity)] if rule.identity else [],
+                passphrase=self._secret(rule.passphrase_secret),
+                password=self._secret(rule.password_secret),
+                connect_timeout=rule.connect_timeout + rule.login_timeout,
+                login_timeout=rule.login_timeout, keepalive_interval=rule.keepalive_interval,
+                keepalive_count_max=3, encryption_algs=PREFERRED_CIPHERS,
+                compression_algs=None), rule.connect_timeout + rule.login_timeout + 5)
+        try:
+            with self._translate(what, None):
+                sftp = await asyncio.wait_for(conn.start_sftp_client(), self._stall)
+        except BaseException:
+            conn.abort()
+            raise
+        session = _Session(conn, sftp, self._stall)
+        session.arm()
+        self.connections += 1
+        log.info("sftp_connected", destination=self.name, host=self.host, port=self.port,
+                 user=self.user, cipher=conn.get_extra_info("send_cipher"),
+                 server=conn.get_extra_info("server_version"), connection=self.connections,
+                 duration_ms=round((time.monotonic() - started) * 1000, 1))
+        return session
+
+    async def _get(self) -> _Session:
+        """The pooled session: (re)connected, root checked, server probed once."""
+        s = self._session
+        if s is not None and s.ready and not s.conn.is_closed():
+            return s
+        async with self._connecting:
+            s = self._session
+            if s is None or s.conn.is_closed():
+                if s is not None:
+                    s.close()
+                s = self._session = await self._connect()
+            if s.ready:
+                return s
+            with self._translate(f"checking destination root {self.root}", s), s.request():
+                try:
+                    attrs = await s.sftp.stat(self.root)
+                except asyncssh.SFTPNoSuchFile:
+                    raise RetryableError(f"destination root {self.root} does not exist on "
+                                         f"{self.host}") from None
+                if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
+                    raise PermanentError(f"destination root {self.root} is not a directory")
+                if not self.capabilities:
+                    caps = await probe(s.sftp, self.root, _unsupported)
+                    caps.update(write_limit=s.sftp.limits.max_write_len,
+                                read_limit=s.sftp.limits.max_read_len,
+                                sftp_version=s.sftp.version,
+                                server=s.conn.get_extra_info("server_version"),
+                                cipher=s.conn.get_extra_info("send_cipher"))
+                    self.capabilities = caps
+                    log.info("sftp_capabilities", destination=self.name, **caps)
+            s.ready = True
+            return s
+
+    @contextlib.contextmanager
+    def _translate(self, what: str, session: _Session | None) -> Iterator[None]:
+        """The one place asyncssh and socket errors become relay errors. Anything but an
+        SFTP status drops the pooled connection, so the next attempt reconnects."""
+        try:
+            yield
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise PermanentError(
+                f"{what}: host key refused ({exc.reason}); the key is unknown or changed "
+                f"— check {self.rule.known_hosts or '~/.ssh/known_hosts'}, then "
+                "`relay retry`") from exc
+        except asyncssh.PermissionDenied as exc:
+            raise RetryableError(f"{what}: login refused for {self.user} ({exc.reason}); "
+                                 "check identity/password") from exc
+        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
+            raise PermanentError(f"{what}: cannot load identity {self.rule.identity}: "
+                                 f"{exc}") from exc
+        except asyncssh.SFTPError as exc:
+            if not _unsupported(exc):
+                self._drop(session)
+                raise RetryableError(f"{what}: connection lost ({exc.reason})") from exc
+            raise RetryableError(f"{what}: {type(exc).__name__.removeprefix('SFTP')}: "
+                                 f"{exc.reason}") from exc
+        except asyncssh.Error as exc:
+            self._drop(session)
+            raise RetryableError(f"{what}: {exc.reason}") from exc
+        except (OSError, EOFError) as exc:  # TimeoutError is an OSError
+            self._drop(session)
+            if isinstance(exc, FileNotFoundError) and exc.filename:
+                raise PermanentError(f"{what}: {exc.strerror}: {exc.filename}") from exc
+            reason = "timed out" if isinstance(exc, TimeoutError) else (
+                exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+            raise RetryableError(f"{what}: {reason or type(exc).__name__}") from exc
+
+    def _drop(self, session: _Session | None) -> None:
+        if session is not None and session is self._session:
+            self._session = None
+            session.close()
+            log.info("sftp_disconnected", destination=self.name, host=self.host)
+
+    @contextlib.asynccontextmanager
+    async def _op(self, what: str) -> AsyncIterator[_Session]:
+        """A concurrency slot and a live session, with errors translated."""
+        async with self._slots:
+            s = await self._get()
+            with self._translate(what, s), s.request():
+                yield s
+
+    def _path(self, rel: str) -> str:
+        return posixpath.join(self.root, rel)
+
+    async def _makedirs(self, s: _Session, d: str) -> None:
+        """Create missing folders below the root (never the root itself)."""
+        if d in s.dirs or d == self.root:
+            return
+        try:
+            await s.sftp.stat(d)
+        except asyncssh.SFTPNoSuchFile:
+            await self._makedirs(s, posixpath.dirname(d))
+            try:
+                await s.sftp.mkdir(d)
+            except asyncssh.SFTPError:
+                await s.sftp.stat(d)  # made by a concurrent upload; else this raises
+        s.dirs.add(d)
+
+    # -- protocol ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        async with self._slots:
+            await self._get()
+
+    async def close(self) -> None:
+        s, self._session = self._session, None
+        if s is not None:
+            s.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(s.conn.wait_closed(), 5)
+
+    async def stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
+                    progress: Progress) -> Staged:
+        tmp = temp_name(self.rule, target)
+        try:
+            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            raise SourceVanished(f"cannot read source {src}: {exc.strerror}") from exc
+        try:
+            async with self._op(f"uploading {target}") as s:
+                await self._makedirs(s, posixpath.dirname(self._path(tmp)))
+                await self._makedirs(s, posixpath.dirname(self._path(target)))
+                return await self._stage(s, fd, tmp, target, algos, acked, progress)
+        finally:
+            os.close(fd)
+
+    async def _stage(self, s: _Session, fd: int, tmp: str, target: str,
+                     algos: tuple[str, ...], acked: int, progress: Progress) -> Staged:
+        path = self._path(tmp)
+        fallbacks = 0
+        start, why = (await self._resume_point(s, fd, path, acked)) if acked else (0, None)
+        while True:
+            if why is not None:
+                fallbacks += 1
+                log.warning("transfer_resume_fallback", destination=self.name, tmp=tmp,
+                            acked=acked, reason=why)
+            elif start:
+                log.info("transfer_resumed", destination=self.name, tmp=tmp,
+                         resumed_from=start)
+            mh = MultiHash(algos)
+            if start:
+                await asyncio.to_thread(_hash_prefix, fd, start, mh)
+            total, fsynced = await self._upload(s, fd, path, start, mh, progress)
+            size = (await s.sftp.stat(path)).size if total >= 0 else None
+            if total >= 0 and size == total:
+                break
+            if not start:
+                raise RetryableError(f"size check failed: sent {total} bytes, {tmp} has {size}")
+            # The server did not keep the prefix, or did not write where we asked: start
+            # over from zero (counted); never keep a doubtful file.
+            why = ("server truncated the temporary on open" if total < 0 else
+                   f"size {size} after resuming, expected {total}: write offsets ignored")
+            start = 0
+        digests = mh.hexdigests()
+        if self.rule.verify == "readback":
+            async with s.sftp.open(path, "rb") as f:
+                remote = await read_hash(f, total)
+            if remote["sha256"] != digests["sha256"]:
+                await s.sftp.remove(path)
+                raise RetryableError(f"read-back digest of {tmp} is {remote['sha256']}, "
+                                     f"sent {digests['sha256']}: corrupted in transit")
+        progress(total)
+        return Staged(target=target, tmp=tmp, size=total, digests=digests,
+                      resumed_from=start, fallbacks=fallbacks,
+                      extra={"fsynced": fsynced, "verified": self.rule.verify})
+
+    async def _resume_point(self, s: _Session, fd: int, path: str,
+                            acked: int) -> tuple[int, str | None]:
+        """(offset to continue from, None) or (0, why resuming is not safe). A partial
+        that cannot be trusted is removed here."""
+        src_size = os.fstat(fd).st_size
+        why: str | None = None
+        try:
+            size = (await s.sftp.stat(path)).size or 0
+        except asyncssh.SFTPNoSuchFile:
+            log.info("transfer_restarted", destination=self.name, path=path, acked=acked,
+                     reason="temporary is gone")
+            return 0, None
+        if not self.capabilities.get("resume", False):
+            why = "server truncates on open or ignores write offsets (probe)"
+        elif size < acked:
+            why = f"temporary holds {size} bytes, {acked} were acknowledged"
+        elif acked > src_size:
+            why = f"source now has {src_size} bytes, fewer than the {acked} acknowledged"
+        elif self.rule.verify == "readback":
+            async with s.sftp.open(path, "rb") as f:
+                remote = await read_hash(f, acked)
+            local = await asyncio.to_thread(_hash_prefix, fd, acked, MultiHash())
+            if remote["sha256"] != local.hexdigests()["sha256"]:
+                why = "prefix digest differs from the source"
+        if why is not None:
+            with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                await s.sftp.remove(path)
+            return 0, why
+        return acked, None
+
+    async def _upload(self, s: _Session, fd: int, path: str, start: int, mh: MultiHash,
+                      progress: Progress) -> tuple[int, bool]:
+        """Stream fd[start:] into ``path`` (truncating unless resuming) and flush it:
+        (end offset, fsynced). (-1, False) if a resumed partial was truncated on open."""
+        def on_ack(n: int) -> None:
+            s.touch()
+            progress(n)
+
+        async with s.sftp.open(path, "r+b" if start else "wb", block_size=0) as f:
+            if start and ((await f.stat()).size or 0) < start:
+                return -1, False
+            total = await upload(f, fd, start, mh, write_len=s.sftp.limits.max_write_len,
+                                 pieces_per_block=PIECES_PER_BLOCK,
+                                 max_inflight=MAX_INFLIGHT, on_ack=on_ack)
+            fsynced = bool(self.rule.fsync and self.capabilities.get("fsync"))
+            if fsynced:
+                await f.fsync()
+        return total, fsynced
+
+    async def _rename(self, s: _Session, tmp: str, target: str) -> None:
+        src, dst = self._path(tmp), self._path(target)
+        if self.capabilities.get("posix_rename"):
+            await s.sftp.posix_rename(src, dst)
+            return
+        try:
+            await s.sftp.rename(src, dst)
+            return
+        except asyncssh.SFTPError:
+            if not await s.sftp.exists(dst):
+                raise
+        if self.rule.overwrite == "fail":
+            raise PermanentError(f"{target} exists and the server cannot replace it "
+                                 "atomically (no posix-rename); overwrite: fail")
+        log.warning("sftp_replace_nonatomic", destination=self.name, target=target,
+                    reason="server lacks posix-rename: removing the old file, then renaming")
+        await s.sftp.remove(dst)
+        await s.sftp.rename(src, dst)
+
+    async def commit(self, staged: Staged) -> None:
+        async with self._op(f"renaming onto {staged.target}") as s:
+            await self._rename(s, staged.tmp, staged.target)
+
+    async def finish_commit(self, target: str, tmp: str) -> bool:
+        async with self._op(f"renaming onto {target}") as s:
+            if await s.sftp.exists(self._path(tmp)):
+                await self._rename(s, tmp, target)
+                return True
+            return bool(await s.sftp.exists(self._path(target)))
+
+    async def put_signal(self, target: str, data: bytes) -> None:
+        tmp = temp_name(self.rule, target)
+        async with self._op(f"writing signal {target}") as s:
+            await self._makedirs(s, posixpath.dirname(self._path(tmp)))
+            await self._makedirs(s, posixpath.dirname(self._path(target)))
+            async with s.sftp.open(self._path(tmp), "wb") as f:
+                await f.write(data, 0)
+                if self.rule.fsync and self.capabilities.get("fsync"):
+                    await f.fsync()
+            await self._rename(s, tmp, target)
+
+    async def discard(self, tmp: str) -> None:
+        async with self._op(f"removing {tmp}") as s:
+            with contextlib.suppress(asyncssh.SFTPNoSuchFile):
+                await s.sftp.remove(self._path(tmp))
+
+
+def _hash_prefix(fd: int, size: int, mh: MultiHash) -> MultiHash:
+    """Feed the first ``size`` bytes of ``fd`` to ``mh`` (rebuilds the state of a resume)."""
+    offset = 0
+    while offset < size:
+        data = os.pread(fd, min(4 << 20, size - offset), offset)
+        if not data:
+            raise SourceVanished(f"source shrank below {size} bytes while resuming")
+        mh.update(data)
+        offset += len(data)
+    return mh

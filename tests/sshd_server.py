@@ -1,0 +1,192 @@
+"""A real OpenSSH ``sshd`` on 127.0.0.1 for the SFTP tests (and the SFTP benchmark).
+
+Each run gets a random free port and throwaway ed25519 host and client keys; the server
+speaks ``internal-sftp`` and logs connections verbosely, so tests can count logins. Use the
+``sshd`` fixture (session scope) and ``sftp_dir`` (a fresh upload folder per test):
+
+    from tests.sshd_server import sftp_dir, sshd  # noqa: F401
+
+When ``/usr/sbin/sshd`` is missing the fixture FAILS (never skips): install Debian's
+``openssh-server`` (``bash scripts/test`` does it for you).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncssh
+import pytest
+
+__all__ = ["SSHD", "Sshd", "free_port", "make_key", "running_sshd", "sftp_dir", "sshd"]
+
+SSHD = Path(os.environ.get("RELAY_TEST_SSHD", "/usr/sbin/sshd"))
+MISSING = (f"OpenSSH server not found at {SSHD}: install Debian's openssh-server "
+           "(apt-get install -y openssh-server) to run the SFTP tests")
+
+
+@dataclass(frozen=True)
+class Sshd:
+    """Where the test server listens and the keys that open it."""
+
+    host: str
+    port: int
+    user: str
+    client_key: Path      # authorised private key (OpenSSH format, no passphrase)
+    known_hosts: Path     # holds this server's host key under [host]:port
+    host_public_key: str  # "ssh-ed25519 AAAA..."
+    root: Path            # a folder the tests may upload into
+    workdir: Path
+    log: Path
+    pid: int
+
+    def url(self, path: Path | str) -> str:
+        """``sftp://user@127.0.0.1:PORT/abs/path`` for a folder on this server."""
+        return f"sftp://{self.user}@{self.host}:{self.port}{Path(path).absolute()}"
+
+    def logins(self) -> int:
+        """How many sessions the server has accepted so far (from its verbose log)."""
+        return self.log.read_text(errors="replace").count("Accepted publickey for ")
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_key(path: Path, comment: str = "relay-test") -> asyncssh.SSHKey:
+    """Write a new ed25519 private key to ``path`` (mode 0600) and ``path.pub``."""
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
+    key.write_private_key(str(path))
+    os.chmod(path, 0o600)
+    key.write_public_key(str(path) + ".pub")
+    return key
+
+
+def _banner(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5) as s:
+            return s.recv(8).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def _config(work: Path, port: int, extra: str) -> Path:
+    conf = work / "sshd_config"
+    conf.write_text("\n".join([
+        "ListenAddress 127.0.0.1",
+        f"Port {port}",
+        f"HostKey {work / 'host_ed25519'}",
+        f"PidFile {work / 'sshd.pid'}",
+        f"AuthorizedKeysFile {work / 'authorized_keys'}",
+        "StrictModes no",
+        "UsePAM no",
+        "PubkeyAuthentication yes",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin prohibit-password",
+        "MaxStartups 64:30:128",
+        "LogLevel VERBOSE",
+        "Subsystem sftp internal-sftp",
+        extra,
+        "",
+    ]))
+    return conf
+
+
+@contextlib.contextmanager
+def running_sshd(work: Path, extra_config: str = "") -> Iterator[Sshd]:
+    """Start sshd with fresh keys under ``work``; stop it (and its session children) on exit.
+
+    Fails (RuntimeError) if sshd is missing or does not answer within 10 s."""
+    if not SSHD.exists():
+        raise RuntimeError(MISSING)
+    work.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() == 0:
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation dir
+    host_key = make_key(work / "host_ed25519", "relay-test-host")
+    client_key = make_key(work / "id_ed25519", "relay-test-client")
+    (work / "authorized_keys").write_text(
+        client_key.export_public_key("openssh").decode())
+    pub = host_key.export_public_key("openssh").decode().split()
+    host_public = f"{pub[0]} {pub[1]}"
+    root = work / "root"
+    root.mkdir(exist_ok=True)
+    log = work / "sshd.log"
+    proc: subprocess.Popen[bytes] | None = None
+    port = 0
+    for _ in range(5):  # the port may be taken between free_port() and bind()
+        port = free_port()
+        conf = _config(work, port, extra_config)
+        with open(log, "ab") as logf:
+            proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(conf)], stdout=logf,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 10
+        while proc.poll() is None and not _banner("127.0.0.1", port):
+            if time.monotonic() > deadline:
+                _stop(proc)
+                raise RuntimeError(f"sshd did not answer on port {port} within 10 s; "
+                                   f"log:\n{log.read_text(errors='replace')[-2000:]}")
+            time.sleep(0.02)
+        if proc.poll() is None:
+            break
+        if "Address already in use" not in log.read_text(errors="replace"):
+            raise RuntimeError(f"sshd exited with {proc.returncode}; "
+                               f"log:\n{log.read_text(errors='replace')[-2000:]}")
+    assert proc is not None
+    if proc.poll() is not None:
+        raise RuntimeError("sshd could not bind a free port in 5 tries")
+    known_hosts = work / "known_hosts"
+    known_hosts.write_text(f"[127.0.0.1]:{port} {host_public}\n")
+    try:
+        yield Sshd("127.0.0.1", port, getpass.getuser(), work / "id_ed25519", known_hosts,
+                   host_public, root, work, log, proc.pid)
+    finally:
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """Stop the sshd we started and the per-connection children in its process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
+    """A real OpenSSH sshd on 127.0.0.1 for the whole test session."""
+    if not SSHD.exists():
+        pytest.fail(MISSING, pytrace=False)
+    work = tmp_path_factory.mktemp("sshd")
+    try:
+        with running_sshd(work) as server:
+            yield server
+    except RuntimeError as exc:
+        pytest.fail(str(exc), pytrace=False)
+
+
+@pytest.fixture
+def sftp_dir(sshd: Sshd, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """An empty folder on the test server for one test; removed afterwards."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:80]
+    d = sshd.root / name
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir()
+    yield d
+    shutil.rmtree(d, ignore_errors=True)

@@ -1,0 +1,440 @@
+"""SftpDestination in-process against a real OpenSSH sshd (and, for faults the real server
+cannot produce, the in-process fault server): delivery steps, probe, host keys, logins,
+overwrite policy, pooling, concurrency and the stall watchdog."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncssh
+import pytest
+from structlog.testing import capture_logs
+
+from relay.destinations.base import open_destination
+from relay.destinations.sftp import SftpDestination, parse_sftp_url
+from relay.errors import PermanentError, RetryableError, SourceVanished
+from relay.rules import DestinationRule
+from tests.fault_sftp import FaultServer, fault_server
+from tests.sshd_server import Sshd, make_key, sftp_dir, sshd  # noqa: F401
+from tests.tcp_proxy import TcpProxy
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def rule_for(server: Sshd, root: Path, **kw: Any) -> DestinationRule:
+    opts: dict[str, Any] = {"identity": server.client_key, "known_hosts": server.known_hosts,
+                            "connect_timeout": 5, "login_timeout": 5}
+    opts.update(kw)
+    return DestinationRule(name="partner", url=server.url(root), **opts)
+
+
+def fault_rule(fs: FaultServer, rel: str = "", **kw: Any) -> DestinationRule:
+    opts: dict[str, Any] = {"identity": fs.client_key, "known_hosts": fs.known_hosts,
+                            "connect_timeout": 5, "login_timeout": 5}
+    opts.update(kw)
+    return DestinationRule(name="faulty", url=fs.url(rel), **opts)
+
+
+@pytest.fixture
+def faulty(tmp_path: Path, sshd: Sshd) -> Iterator[FaultServer]:  # noqa: F811
+    with fault_server(tmp_path / "fault", sshd.client_key) as fs:
+        yield fs
+
+
+def payload(tmp_path: Path, size: int, name: str = "src.bin") -> tuple[Path, bytes]:
+    data = os.urandom(size)
+    p = tmp_path / name
+    p.write_bytes(data)
+    return p, data
+
+
+async def deliver(dest: SftpDestination, src: Path, target: str) -> Any:
+    staged = await dest.stage(src, target, (), 0, lambda n: None)
+    await dest.commit(staged)
+    await dest.put_signal(target + ".sha256", f"{staged.digests['sha256']}\n".encode())
+    return staged
+
+
+def test_url_parsing() -> None:
+    """sftp:// URLs give user, host, port and an absolute root; /~/ means the login dir."""
+    assert parse_sftp_url("sftp://bob@h.example:2222/in/box/") == ("bob", "h.example", 2222,
+                                                                  "/in/box")
+    assert parse_sftp_url("sftp://bob@h/~/in")[3] == "in"
+    assert parse_sftp_url("sftp://bob@h")[2:] == (22, ".")
+
+
+def test_stage_commit_signal_roundtrip(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                       sftp_dir: Path) -> None:  # noqa: F811
+    """A file lands byte-identical under nested new folders, its sidecar after it, and no
+    temporary or probe file is left behind."""
+    src, data = payload(tmp_path, 3 * 261120 + 12345)
+    dest = open_destination(rule_for(sshd, sftp_dir))
+    assert isinstance(dest, SftpDestination) and dest.can_resume
+    seen: list[int] = []
+
+    async def go() -> Any:
+        try:
+            staged = await dest.stage(src, "a/b/c.bin", ("md5",), 0, seen.append)
+            assert not (sftp_dir / "a/b/c.bin").exists()
+            assert (sftp_dir / "a/b/.c.bin.tmp").read_bytes() == data
+            await dest.commit(staged)
+            await dest.put_signal("a/b/c.bin.sha256", b"sig\n")
+            return staged
+        finally:
+            await dest.close()
+
+    staged = asyncio.run(go())
+    assert staged.size == len(data) and staged.extra["fsynced"] is True
+    assert staged.digests == {"sha256": hashlib.sha256(data).hexdigest(),
+                              "md5": hashlib.md5(data).hexdigest()}
+    assert seen[-1] == len(data) and seen == sorted(seen)
+    assert (sftp_dir / "a/b/c.bin").read_bytes() == data
+    assert (sftp_dir / "a/b/c.bin.sha256").read_bytes() == b"sig\n"
+    assert sorted(p.name for p in sftp_dir.rglob("*")) == ["a", "b", "c.bin", "c.bin.sha256"]
+
+
+def test_empty_file_and_replace(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """An empty payload is delivered, and a newer version atomically replaces the old."""
+    src = tmp_path / "e"
+    src.write_bytes(b"")
+    dest = SftpDestination(rule_for(sshd, sftp_dir))
+
+    async def go() -> None:
+        try:
+            await deliver(dest, src, "e")
+            assert (sftp_dir / "e").read_bytes() == b""
+            src.write_bytes(b"v2")
+            await deliver(dest, src, "e")
+        finally:
+            await dest.close()
+
+    asyncio.run(go())
+    assert (sftp_dir / "e").read_bytes() == b"v2"
+
+
+def test_probe_reports_openssh_capabilities(sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """start() probes OpenSSH: posix-rename, fsync, statvfs, hardlink, offset writes, limits."""
+    dest = SftpDestination(rule_for(sshd, sftp_dir))
+
+    async def go() -> dict[str, object]:
+        try:
+            await dest.start()
+            return dest.capabilities
+        finally:
+            await dest.close()
+
+    caps = asyncio.run(go())
+    assert caps["posix_rename"] is True and caps["fsync"] is True
+    assert caps["statvfs"] is True and caps["hardlink"] is True
+    assert caps["offset_writes"] is True and caps["truncates_on_open"] is False
+    assert caps["resume"] is True and caps["rename_replaces"] is False
+    assert caps["write_limit"] == 261120 and caps["cipher"] == "aes128-gcm@openssh.com"
+    assert list(sftp_dir.iterdir()) == []
+
+
+def _start_error(dest: SftpDestination) -> Exception:
+    async def go() -> Exception:
+        try:
+            await dest.start()
+        except Exception as exc:
+            return exc
+        finally:
+            await dest.close()
+        raise AssertionError("start() succeeded")
+
+    return asyncio.run(go())
+
+
+def test_unknown_host_key_refused(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """A server whose key is not in known_hosts is refused with a clear, permanent error."""
+    kh = tmp_path / "known_hosts"
+    kh.write_text("")
+    exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, known_hosts=kh)))
+    assert isinstance(exc, PermanentError)
+    assert "host key refused" in str(exc) and str(kh) in str(exc)
+
+
+def test_changed_host_key_refused(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """A server presenting a different key than known_hosts records is refused."""
+    other = make_key(tmp_path / "other").export_public_key("openssh").decode().split()
+    kh = tmp_path / "known_hosts"
+    kh.write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
+    exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, known_hosts=kh)))
+    assert isinstance(exc, PermanentError) and "host key refused" in str(exc)
+
+
+def test_bad_key_is_a_retryable_login_error(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                            sftp_dir: Path) -> None:  # noqa: F811
+    """An identity the server does not accept gives a retryable 'login refused' error."""
+    make_key(tmp_path / "stranger")
+    exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, identity=tmp_path / "stranger")))
+    assert isinstance(exc, RetryableError) and "login refused" in str(exc)
+
+
+def test_missing_identity_and_secret_are_permanent(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                                   sftp_dir: Path) -> None:  # noqa: F811
+    """A missing identity file or secret is a configuration error, reported as such."""
+    exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, identity=tmp_path / "nope")))
+    assert isinstance(exc, PermanentError) and "nope" in str(exc)
+    exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, passphrase_secret="pp"),
+                                       tmp_path))
+    assert isinstance(exc, PermanentError) and "'pp'" in str(exc)
+
+
+def test_passphrase_protected_identity(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                      sftp_dir: Path) -> None:  # noqa: F811
+    """An encrypted identity is unlocked with the passphrase from the secrets folder."""
+    key = asyncssh.read_private_key(str(sshd.client_key))
+    # PKCS#8: encrypted OpenSSH-format keys need the optional bcrypt package (docs/sftp.md).
+    key.write_private_key(str(tmp_path / "id_enc"), "pkcs8-pem", passphrase="s3cret")
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "pp").write_text("s3cret\n")
+    dest = SftpDestination(rule_for(sshd, sftp_dir, identity=tmp_path / "id_enc",
+                                    passphrase_secret="pp"), secrets)
+    src, data = payload(tmp_path, 1000)
+
+    async def go() -> None:
+        try:
+            await deliver(dest, src, "f")
+        finally:
+            await dest.close()
+
+    asyncio.run(go())
+    assert (sftp_dir / "f").read_bytes() == data
+
+
+def test_password_login_from_secret(tmp_path: Path, faulty: FaultServer) -> None:
+    """Password authentication reads the password from the named secret file."""
+    faulty.faults.password = "pw-123"
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "pw").write_text("pw-123")
+    dest = SftpDestination(fault_rule(faulty, identity=None, password_secret="pw"), secrets)
+    src, data = payload(tmp_path, 5000)
+
+    async def go() -> None:
+        try:
+            await deliver(dest, src, "p.bin")
+        finally:
+            await dest.close()
+
+    asyncio.run(go())
+    assert (faulty.root / "p.bin").read_bytes() == data
+    (secrets / "pw").write_text("wrong")
+    exc = _start_error(SftpDestination(fault_rule(faulty, identity=None, password_secret="pw"),
+                                       secrets))
+    assert isinstance(exc, RetryableError) and "login refused" in str(exc)
+
+
+def test_missing_root_is_not_created(tmp_path: Path, sshd: Sshd) -> None:  # noqa: F811
+    """A destination root that does not exist is reported, never created."""
+    root = sshd.root / "absent-root"
+    exc = _start_error(SftpDestination(rule_for(sshd, root)))
+    assert isinstance(exc, RetryableError) and "does not exist" in str(exc)
+    assert not root.exists()
+
+
+def test_vanished_source(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """A source that disappeared before staging raises SourceVanished."""
+    dest = SftpDestination(rule_for(sshd, sftp_dir))
+
+    async def go() -> None:
+        try:
+            await dest.stage(tmp_path / "gone", "x", (), 0, lambda n: None)
+        finally:
+            await dest.close()
+
+    with pytest.raises(SourceVanished):
+        asyncio.run(go())
+
+
+def test_readback_verify_and_discard(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                     sftp_dir: Path) -> None:  # noqa: F811
+    """verify: readback hashes the remote temporary; discard removes it, twice without error."""
+    src, data = payload(tmp_path, 600_000)
+    dest = SftpDestination(rule_for(sshd, sftp_dir, verify="readback"))
+
+    async def go() -> Any:
+        try:
+            staged = await dest.stage(src, "r.bin", (), 0, lambda n: None)
+            assert (sftp_dir / ".r.bin.tmp").read_bytes() == data
+            await dest.discard(staged.tmp)
+            await dest.discard(staged.tmp)
+            return staged
+        finally:
+            await dest.close()
+
+    staged = asyncio.run(go())
+    assert staged.extra["verified"] == "readback"
+    assert not (sftp_dir / ".r.bin.tmp").exists()
+
+
+def test_finish_commit_after_crash(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """finish_commit renames a leftover temporary, and reports an already-renamed file."""
+    (sftp_dir / ".f.tmp").write_bytes(b"done")
+    dest = SftpDestination(rule_for(sshd, sftp_dir))
+
+    async def go() -> tuple[bool, bool, bool]:
+        try:
+            first = await dest.finish_commit("f", ".f.tmp")
+            again = await dest.finish_commit("f", ".f.tmp")
+            neither = await dest.finish_commit("g", ".g.tmp")
+            return first, again, neither
+        finally:
+            await dest.close()
+
+    assert asyncio.run(go()) == (True, True, False)
+    assert (sftp_dir / "f").read_bytes() == b"done"
+
+
+def test_staging_folder_temp(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """temp: staging uploads into the staging folder, then renames across into place."""
+    src, data = payload(tmp_path, 70_000)
+    dest = SftpDestination(rule_for(sshd, sftp_dir, temp="staging"))
+
+    async def go() -> Any:
+        try:
+            staged = await dest.stage(src, "d/s.bin", (), 0, lambda n: None)
+            assert staged.tmp == ".relay-staging/d%2Fs.bin.tmp"
+            assert (sftp_dir / staged.tmp).exists()
+            await dest.commit(staged)
+        finally:
+            await dest.close()
+
+    asyncio.run(go())
+    assert (sftp_dir / "d/s.bin").read_bytes() == data
+
+
+def test_without_posix_rename_replace_warns(tmp_path: Path, faulty: FaultServer) -> None:
+    """Without posix-rename, 'overwrite: replace' removes then renames — with a warning."""
+    faulty.faults.no_posix_rename = True
+    (faulty.root / "t").write_bytes(b"old")
+    src, data = payload(tmp_path, 3000)
+    dest = SftpDestination(fault_rule(faulty))
+
+    async def go() -> None:
+        try:
+            await deliver(dest, src, "t")
+            await deliver(dest, src, "new")
+        finally:
+            await dest.close()
+
+    with capture_logs() as logs:
+        asyncio.run(go())
+    assert dest.capabilities["posix_rename"] is False
+    assert (faulty.root / "t").read_bytes() == data and (faulty.root / "new").exists()
+    warned = [e for e in logs if e["event"] == "sftp_replace_nonatomic"]
+    assert [e["target"] for e in warned] == ["t"]  # a new name needs no removal
+
+
+def test_without_posix_rename_fail_policy_keeps_old(tmp_path: Path,
+                                                    faulty: FaultServer) -> None:
+    """Without posix-rename, 'overwrite: fail' refuses to replace and keeps the old file."""
+    faulty.faults.no_posix_rename = True
+    (faulty.root / "t").write_bytes(b"old")
+    src, _ = payload(tmp_path, 3000)
+    dest = SftpDestination(fault_rule(faulty, overwrite="fail"))
+
+    async def go() -> None:
+        try:
+            await deliver(dest, src, "t")
+        finally:
+            await dest.close()
+
+    with pytest.raises(PermanentError, match="overwrite: fail"):
+        asyncio.run(go())
+    assert (faulty.root / "t").read_bytes() == b"old"
+
+
+def test_concurrency_limit_honoured(tmp_path: Path, faulty: FaultServer) -> None:
+    """With concurrency 3, never more than 3 files are open on the server at once, and all
+    40 go over one connection."""
+    dest = SftpDestination(fault_rule(faulty, concurrency=3))
+    srcs = [payload(tmp_path, 50_000 + i, f"s{i}") for i in range(40)]
+
+    async def go() -> None:
+        try:
+            await asyncio.gather(*(deliver(dest, p, f"out/{p.name}") for p, _ in srcs))
+        finally:
+            await dest.close()
+
+    asyncio.run(go())
+    assert faulty.faults.max_open_files == 3
+    assert faulty.faults.connections == 1 and dest.connections == 1
+    for p, data in srcs:
+        assert (faulty.root / "out" / p.name).read_bytes() == data
+
+
+def test_many_files_share_one_pooled_connection(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                                sftp_dir: Path) -> None:  # noqa: F811
+    """60 concurrent deliveries to real sshd use one TCP connection and one login."""
+    srcs = [payload(tmp_path, 4096, f"s{i}") for i in range(60)]
+    logins = sshd.logins()
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        kh = tmp_path / "kh"
+        kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
+        rule = DestinationRule(name="p", url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}"
+                               f"{sftp_dir}", identity=sshd.client_key, known_hosts=kh)
+        dest = SftpDestination(rule)
+
+        async def go() -> None:
+            try:
+                await asyncio.gather(*(deliver(dest, p, p.name) for p, _ in srcs))
+            finally:
+                await dest.close()
+
+        asyncio.run(go())
+        assert proxy.connections == 1
+    assert sshd.logins() == logins + 1
+    assert all((sftp_dir / p.name).read_bytes() == d for p, d in srcs)
+
+
+def test_reconnects_after_connection_loss(tmp_path: Path, faulty: FaultServer) -> None:
+    """A dropped connection fails the attempt retryably; the next one reconnects."""
+    src, data = payload(tmp_path, 2_000_000)
+    dest = SftpDestination(fault_rule(faulty))
+
+    async def go() -> None:
+        try:
+            await dest.start()
+            faulty.faults.drop_after = 500_000
+            with pytest.raises(RetryableError) as lost:
+                await dest.stage(src, "r.bin", (), 0, lambda n: None)
+            assert "connection lost" in str(lost.value).lower()
+            await deliver(dest, src, "r.bin")
+        finally:
+            await dest.close()
+
+    asyncio.run(go())
+    assert (faulty.root / "r.bin").read_bytes() == data
+    assert faulty.faults.drops == 1 and dest.connections == 2
+
+
+def test_stalled_server_is_aborted_by_watchdog(tmp_path: Path, faulty: FaultServer) -> None:
+    """A server that stops answering (connection still up) is cut off after the stall
+    timeout, not waited on forever."""
+    src, _ = payload(tmp_path, 100_000)
+    dest = SftpDestination(fault_rule(faulty, login_timeout=1, keepalive_interval=0.25))
+
+    async def go() -> float:
+        try:
+            await dest.start()
+            faulty.faults.stall = True
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(RetryableError):
+                await dest.stage(src, "s.bin", (), 0, lambda n: None)
+            return loop.time() - t0
+        finally:
+            await dest.close()
+
+    with capture_logs() as logs:
+        took = asyncio.run(go())
+    assert 0.9 < took < 5
+    assert any(e["event"] == "sftp_connection_stalled" for e in logs)
