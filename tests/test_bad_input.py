@@ -614,3 +614,157 @@ def test_file_over_4_gib_is_delivered_intact(tmp_path: Path) -> None:
     finally:
         for p in (out / "big.bin", src / "big.bin"):
             p.unlink(missing_ok=True)
+
+
+# -- destination faults ------------------------------------------------------------------
+
+
+def test_destination_disk_full_cleans_the_partial_and_delivers_after_space_is_freed(
+        tmp_path: Path) -> None:
+    """On a 2 MiB tmpfs, a 3 MB file fails with 'disk full': its partial is removed at once
+    (free space returns to what it was), the attempt is journalled and retried, a small
+    file still goes, and after the space grows the big file arrives intact."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
+                        route={"then": "delete"})
+    big = os.urandom(3_000_000)
+    with tmpfs(out, "size=2m"):
+        free = os.statvfs(out).f_bfree
+        obs = Observer(out, {"big.bin": sha256(big), "small.bin": sha256(b"small")})
+        obs.start()
+        relay = RelayProc(tmp_path, rules, **FAST_RETRY).start()
+        try:
+            relay.wait_started()
+            drop(src, "big.bin", big)
+            wait_for(lambda: len([e for e in events(relay.logs(), "delivery_retry_scheduled",
+                                                    "big.bin") if "disk full" in e["error"]])
+                     >= 3, 30, "three disk-full retries")
+            drop(src, "small.bin", b"small")
+            wait_for(lambda: (out / "small.bin.sha256").exists(), 30, "small file delivered")
+            st = listed(status(tmp_path, rules), "delivering")["big.bin"]
+            assert "disk full" in st["reason"]
+            d = st["deliveries"][0]
+            assert d["attempt"] >= 3 and "disk full" in d["error"] and d["next_try_at"]
+            wait_for(lambda: not (out / ".big.bin.tmp").exists(), 10, "partial removed")
+            assert os.statvfs(out).f_bfree >= free - 16  # only small.bin and its sidecar
+            assert (src / "big.bin").read_bytes() == big and alive(relay)
+            remount(out, "size=8m")
+            wait_for(lambda: (out / "big.bin.sha256").exists(), 30, "big file after resize")
+            wait_for(lambda: not (src / "big.bin").exists(), 10, "post-action")
+        finally:
+            obs.stop()
+            assert relay.stop() == 0
+        assert (out / "big.bin").read_bytes() == big
+        assert tree(out) == {"big.bin", "big.bin.sha256", "small.bin", "small.bin.sha256"}
+    assert obs.violations == []
+    assert journal_row(tmp_path, "big.bin") == ("done", None)
+
+
+def test_no_room_for_the_downstream_signal_is_retried_until_there_is(tmp_path: Path) -> None:
+    """With room for the payload but none for its sidecar (a tmpfs out of inodes), the
+    payload stays in place without a signal, the signal write is retried with the reason,
+    and once inodes are available the sidecar follows; a consumer never sees a signal
+    without its payload."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"})
+    data = b"payload fits, signal does not\n" * 100
+    with tmpfs(out, "size=1m,nr_inodes=2"):  # the root folder and one file
+        obs = Observer(out, {"p.csv": sha256(data)})
+        obs.start()
+        relay = RelayProc(tmp_path, rules, **FAST_RETRY).start()
+        try:
+            relay.wait_started()
+            drop(src, "p.csv", data)
+            wait_for(lambda: [e for e in events(relay.logs(), "delivery_retry_scheduled",
+                                                "p.csv") if "writing signal" in e["error"]],
+                     30, "signal retry")
+            assert (out / "p.csv").read_bytes() == data
+            assert not (out / "p.csv.sha256").exists()
+            d = listed(status(tmp_path, rules), "delivering")["p.csv"]["deliveries"][0]
+            assert d["state"] == "signalling" and "writing signal" in d["error"]
+            remount(out, "nr_inodes=16")
+            wait_for(lambda: (out / "p.csv.sha256").exists(), 30, "signal written")
+            wait_for(lambda: journal_row(tmp_path, "p.csv") == ("done", None), 10, "done")
+            assert alive(relay)
+        finally:
+            obs.stop()
+            assert relay.stop() == 0
+        assert tree(out) == {"p.csv", "p.csv.sha256"}
+    assert obs.violations == []
+
+
+def test_read_only_destination_is_retried_and_delivered_once_writable(tmp_path: Path) -> None:
+    """A destination on a read-only mount fails each attempt with a read-only error
+    (journalled, retried, other destination unaffected); remounted read-write, it gets
+    the file, and only then is the source deleted."""
+    src, ro, ok = tmp_path / "in", tmp_path / "ro", tmp_path / "ok"
+    src.mkdir()
+    ok.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src,
+                        dests={"ro": f"file://{ro}", "ok": f"file://{ok}"},
+                        route={"then": "delete"})
+    with tmpfs(ro, "size=1m"):
+        remount(ro, "ro")
+        relay = RelayProc(tmp_path, rules, **FAST_RETRY).start()
+        try:
+            relay.wait_started()
+            drop(src, "x.csv", b"x")
+            wait_for(lambda: (ok / "x.csv.sha256").exists(), 20, "healthy destination")
+            wait_for(lambda: len([e for e in events(relay.logs(), "delivery_retry_scheduled",
+                                                    "x.csv") if e["destination"] == "ro"])
+                     >= 2, 20, "retries at the read-only destination")
+            err = events(relay.logs(), "delivery_retry_scheduled", "x.csv")[-1]["error"]
+            assert "read-only" in err.lower()
+            st = listed(status(tmp_path, rules), "delivering")["x.csv"]
+            assert [d["destination"] for d in st["deliveries"]] == ["ro"]
+            assert (src / "x.csv").exists() and os.listdir(ro) == [] and alive(relay)
+            remount(ro, "rw")
+            wait_for(lambda: (ro / "x.csv.sha256").exists(), 30, "delivered after remount")
+            wait_for(lambda: not (src / "x.csv").exists(), 10, "post-action after both")
+        finally:
+            assert relay.stop() == 0
+        assert tree(ro) == {"x.csv", "x.csv.sha256"}
+
+
+# -- inotify overflow --------------------------------------------------------------------
+
+QUEUE = Path("/proc/sys/fs/inotify/max_queued_events")
+BURST = 2500
+
+
+def test_inotify_overflow_is_caught_up_by_the_rescan(tmp_path: Path) -> None:
+    """With the kernel's inotify queue lowered to 16 events while relay starts, a burst of
+    2500 files (5000 names) overflows it; the periodic rescan still delivers every file
+    exactly once and the daemon keeps running."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
+                        extra_dest={"o": {"fsync": False}})
+    relay = RelayProc(tmp_path, rules, RELAY_RESCAN_INTERVAL="1", RELAY_CONCURRENCY="16",
+                      RELAY_JOURNAL_SYNC="normal")
+    old = QUEUE.read_text()
+    QUEUE.write_text("16")  # read by inotify_init: only relay's watcher gets the small queue
+    try:
+        relay.start()
+        relay.wait_started()
+    finally:
+        QUEUE.write_text(old)
+    try:
+        for i in range(BURST):
+            drop(src, f"d{i % 10}/f{i}.csv", f"row {i}\n".encode())
+        wait_for(lambda: "queue overflow" in relay.logs().lower()
+                 or "queue overflowed" in relay.logs(), 30, "an overflow happened")
+        wait_for(lambda: sum(1 for _ in out.rglob("*.sha256")) == BURST, 120,
+                 "every file delivered")
+        assert alive(relay)
+    finally:
+        assert relay.stop() == 0
+    db = sqlite3.connect(tmp_path / "journal.sqlite3")
+    assert db.execute("SELECT state, COUNT(*) FROM files GROUP BY state").fetchall() == [
+        ("done", BURST)]
+    assert db.execute("SELECT COUNT(*) FROM history").fetchone()[0] == BURST
+    for i in range(0, BURST, 97):
+        assert (out / f"d{i % 10}/f{i}.csv").read_bytes() == f"row {i}\n".encode()
