@@ -5,10 +5,10 @@
         proxy.connections, proxy.bytes_up
 
 ``cut_after``: abort the first connection (both sides, no FIN) once that many bytes went
-client → server through it; later connections pass untouched. ``rate``: forward client →
-server at most this many bytes per second (so a test can cut at a known point of a
-transfer whose progress the journal records once a second). Runs its own event loop in a
-thread.
+client → server through it; later connections pass untouched. ``cut()``: abort every open
+connection now (e.g. right after the journal recorded progress). ``rate``: forward client →
+server at most this many bytes per second, so a transfer lasts long enough to be cut in the
+middle. Runs its own event loop in a thread.
 """
 
 from __future__ import annotations
@@ -54,6 +54,16 @@ class TcpProxy:
         self._thread.join(10)
         self._loop.close()
 
+    def cut(self) -> None:
+        """Abort every open connection (both sides) now; later ones pass untouched."""
+        def _abort() -> None:
+            if self._writers:
+                self.cuts += 1
+            for w in list(self._writers):
+                w.transport.abort()
+
+        self._loop.call_soon_threadsafe(_abort)
+
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         self._loop.run_until_complete(self._start())
@@ -87,7 +97,7 @@ class TcpProxy:
             sw.transport.abort()
 
         async def up() -> None:
-            sent, t0 = 0, time.monotonic()
+            sent, free_at = 0, time.monotonic()
             while data := await cr.read(_CHUNK):
                 if cut is not None and sent + len(data) >= cut:
                     sw.write(data[:cut - sent])
@@ -100,10 +110,9 @@ class TcpProxy:
                 sent += len(data)
                 self.bytes_up += len(data)
                 await sw.drain()
-                if self.rate:  # a rate limit, not synchronisation: stay below `rate` B/s
-                    ahead = sent / self.rate - (time.monotonic() - t0)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
+                if self.rate:  # a rate limit (no idle credit), not synchronisation
+                    free_at = max(free_at, time.monotonic()) + len(data) / self.rate
+                    await asyncio.sleep(max(0.0, free_at - time.monotonic()))
             sw.close()
 
         async def down() -> None:

@@ -54,6 +54,7 @@ log = get_logger()
 DEFAULT_CONCURRENCY = 8
 PREFERRED_CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"  # ~40% less CPU
 MAX_INFLIGHT = 16      # write requests in flight per file (OpenSSH's window is 2 MiB)
+MAX_WRITE = 256 * 1024  # even if a server allows more: finer acknowledgements to resume from
 PIECES_PER_BLOCK = 4   # source read + hashed per thread hop: 4 x the write limit
 
 
@@ -389,7 +390,8 @@ class SftpDestination:
         async with s.sftp.open(path, "r+b" if start else "wb", block_size=0) as f:
             if start and ((await f.stat()).size or 0) < start:
                 return -1, False
-            total = await upload(f, fd, start, mh, write_len=s.sftp.limits.max_write_len,
+            write_len = min(s.sftp.limits.max_write_len, MAX_WRITE)
+            total = await upload(f, fd, start, mh, write_len=write_len,
                                  pieces_per_block=PIECES_PER_BLOCK,
                                  max_inflight=MAX_INFLIGHT, on_ack=on_ack)
             fsynced = bool(self.rule.fsync and self.capabilities.get("fsync"))
