@@ -46,7 +46,8 @@ class Faults:
 
 
 class _SFTP(asyncssh.SFTPServer):
-    def __init__(self, chan: asyncssh.SSHServerChannel, faults: Faults, root: Path) -> None:
+    def __init__(self, chan: asyncssh.SSHServerChannel[bytes], faults: Faults,
+                 root: Path) -> None:
         super().__init__(chan, chroot=str(root).encode())
         self.faults = faults
 

@@ -1,8 +1,9 @@
 """``sftp://user@host:port/path`` destinations over asyncssh (the only module importing it).
 
-One pooled SSH connection per destination carries one SFTP channel; up to
-``rule.concurrency`` files move over it at once, each as pipelined write requests (so
-OpenSSH's MaxSessions is never a limit). On first connect the server is probed
+One pooled SSH connection per destination carries up to 8 SFTP channels (never more than
+``rule.concurrency``; fewer if the server refuses more sessions); up to ``rule.concurrency``
+files move over it at once, each as pipelined write requests on the least busy channel.
+On first connect the server is probed
 (:mod:`relay.destinations.sftp_probe`) and the delivery path uses what it found:
 
     stage:  upload to the hidden temporary, hashing as it goes → fsync@openssh.com
@@ -55,6 +56,10 @@ DEFAULT_CONCURRENCY = 8
 PREFERRED_CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"  # ~40% less CPU
 MAX_INFLIGHT = 16      # write requests in flight per file (OpenSSH's window is 2 MiB)
 MAX_WRITE = 256 * 1024  # even if a server allows more: finer acknowledgements to resume from
+# SFTP channels per connection, at most one per concurrent file. sftp-server answers one
+# request at a time per channel, so one file's fsync would stall every other file on it;
+# OpenSSH allows 10 sessions per connection (MaxSessions).
+MAX_CHANNELS = 8
 PIECES_PER_BLOCK = 4   # source read + hashed per thread hop: 4 x the write limit
 
 
@@ -81,11 +86,12 @@ def _unsupported(exc: BaseException) -> bool:
 
 @dataclass
 class _Session:
-    """One SSH connection, its SFTP channel and the watchdog bounding every request."""
+    """One SSH connection, its SFTP channels and the watchdog bounding every request."""
 
     conn: asyncssh.SSHClientConnection
-    sftp: asyncssh.SFTPClient
+    channels: list[asyncssh.SFTPClient]
     stall: float
+    load: list[int] = field(default_factory=list)
     busy: int = 0
     last: float = field(default_factory=time.monotonic)
     dirs: set[str] = field(default_factory=set)
@@ -107,6 +113,18 @@ class _Session:
 
     def touch(self) -> None:
         self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[asyncssh.SFTPClient]:
+        """The least busy channel, for one operation."""
+        if len(self.load) != len(self.channels):
+            self.load = [0] * len(self.channels)
+        i = min(range(len(self.channels)), key=self.load.__getitem__)
+        self.load[i] += 1
+        try:
+            yield self.channels[i]
+        finally:
+            self.load[i] -= 1
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
@@ -138,7 +156,9 @@ class SftpDestination:
         self.connections = 0  # successful logins so far (one per reconnect)
         self._session: _Session | None = None
         self._connecting = asyncio.Lock()
-        self._slots = asyncio.Semaphore(rule.concurrency or DEFAULT_CONCURRENCY)
+        limit = rule.concurrency or DEFAULT_CONCURRENCY
+        self._slots = asyncio.Semaphore(limit)
+        self._channels = min(limit, MAX_CHANNELS)
         self._stall = max(rule.login_timeout, 2 * rule.keepalive_interval)
 
     # -- connection --------------------------------------------------------------------
@@ -170,16 +190,22 @@ class SftpDestination:
                 compression_algs=None), rule.connect_timeout + rule.login_timeout + 5)
         try:
             with self._translate(what, None):
-                sftp = await asyncio.wait_for(conn.start_sftp_client(), self._stall)
+                first = await asyncio.wait_for(conn.start_sftp_client(), self._stall)
+                # More channels are a bonus: a server may allow fewer sessions (MaxSessions).
+                more = await asyncio.wait_for(asyncio.gather(
+                    *(conn.start_sftp_client() for _ in range(self._channels - 1)),
+                    return_exceptions=True), self._stall)
         except BaseException:
             conn.abort()
             raise
-        session = _Session(conn, sftp, self._stall)
+        channels = [first, *(c for c in more if isinstance(c, asyncssh.SFTPClient))]
+        session = _Session(conn, channels, self._stall)
         session.arm()
         self.connections += 1
         log.info("sftp_connected", destination=self.name, host=self.host, port=self.port,
                  user=self.user, cipher=conn.get_extra_info("send_cipher"),
                  server=conn.get_extra_info("server_version"), connection=self.connections,
+                 channels=len(channels), channels_wanted=self._channels,
                  duration_ms=round((time.monotonic() - started) * 1000, 1))
         return session
 
@@ -196,19 +222,20 @@ class SftpDestination:
                 s = self._session = await self._connect()
             if s.ready:
                 return s
+            sftp = s.channels[0]
             with self._translate(f"checking destination root {self.root}", s), s.request():
                 try:
-                    attrs = await s.sftp.stat(self.root)
+                    attrs = await sftp.stat(self.root)
                 except asyncssh.SFTPNoSuchFile:
                     raise RetryableError(f"destination root {self.root} does not exist on "
                                          f"{self.host}") from None
                 if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
                     raise PermanentError(f"destination root {self.root} is not a directory")
                 if not self.capabilities:
-                    caps = await probe(s.sftp, self.root, _unsupported)
-                    caps.update(write_limit=s.sftp.limits.max_write_len,
-                                read_limit=s.sftp.limits.max_read_len,
-                                sftp_version=s.sftp.version,
+                    caps = await probe(sftp, self.root, _unsupported)
+                    caps.update(write_limit=sftp.limits.max_write_len,
+                                read_limit=sftp.limits.max_read_len,
+                                sftp_version=sftp.version, channels=len(s.channels),
                                 server=s.conn.get_extra_info("server_version"),
                                 cipher=s.conn.get_extra_info("send_cipher"))
                     self.capabilities = caps
@@ -248,6 +275,9 @@ class SftpDestination:
                 raise PermanentError(f"{what}: {exc.strerror}: {exc.filename}") from exc
             reason = "timed out" if isinstance(exc, TimeoutError) else (
                 exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
+            if isinstance(exc, ConnectionResetError | ConnectionAbortedError |
+                          BrokenPipeError | EOFError):
+                reason = f"connection lost ({reason or type(exc).__name__})"
             raise RetryableError(f"{what}: {reason or type(exc).__name__}") from exc
 
     def _drop(self, session: _Session | None) -> None:
@@ -257,28 +287,29 @@ class SftpDestination:
             log.info("sftp_disconnected", destination=self.name, host=self.host)
 
     @contextlib.asynccontextmanager
-    async def _op(self, what: str) -> AsyncIterator[_Session]:
-        """A concurrency slot and a live session, with errors translated."""
+    async def _op(self, what: str) -> AsyncIterator[tuple[_Session, asyncssh.SFTPClient]]:
+        """A concurrency slot, a live session and its least busy channel; errors
+        translated."""
         async with self._slots:
             s = await self._get()
-            with self._translate(what, s), s.request():
-                yield s
+            with self._translate(what, s), s.request(), s.lease() as sftp:
+                yield s, sftp
 
     def _path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
 
-    async def _makedirs(self, s: _Session, d: str) -> None:
+    async def _makedirs(self, s: _Session, sftp: asyncssh.SFTPClient, d: str) -> None:
         """Create missing folders below the root (never the root itself)."""
         if d in s.dirs or d == self.root:
             return
         try:
-            await s.sftp.stat(d)
+            await sftp.stat(d)
         except asyncssh.SFTPNoSuchFile:
-            await self._makedirs(s, posixpath.dirname(d))
+            await self._makedirs(s, sftp, posixpath.dirname(d))
             try:
-                await s.sftp.mkdir(d)
+                await sftp.mkdir(d)
             except asyncssh.SFTPError:
-                await s.sftp.stat(d)  # made by a concurrent upload; else this raises
+                await sftp.stat(d)  # made by a concurrent upload; else this raises
         s.dirs.add(d)
 
     # -- protocol ----------------------------------------------------------------------
@@ -302,18 +333,19 @@ class SftpDestination:
         except OSError as exc:
             raise SourceVanished(f"cannot read source {src}: {exc.strerror}") from exc
         try:
-            async with self._op(f"uploading {target}") as s:
-                await self._makedirs(s, posixpath.dirname(self._path(tmp)))
-                await self._makedirs(s, posixpath.dirname(self._path(target)))
-                return await self._stage(s, fd, tmp, target, algos, acked, progress)
+            async with self._op(f"uploading {target}") as (s, sftp):
+                await self._makedirs(s, sftp, posixpath.dirname(self._path(tmp)))
+                await self._makedirs(s, sftp, posixpath.dirname(self._path(target)))
+                return await self._stage(s, sftp, fd, tmp, target, algos, acked, progress)
         finally:
             os.close(fd)
 
-    async def _stage(self, s: _Session, fd: int, tmp: str, target: str,
-                     algos: tuple[str, ...], acked: int, progress: Progress) -> Staged:
+    async def _stage(self, s: _Session, sftp: asyncssh.SFTPClient, fd: int, tmp: str,
+                     target: str, algos: tuple[str, ...], acked: int,
+                     progress: Progress) -> Staged:
         path = self._path(tmp)
         fallbacks = 0
-        start, why = (await self._resume_point(s, fd, path, acked)) if acked else (0, None)
+        start, why = (await self._resume_point(sftp, fd, path, acked)) if acked else (0, None)
         while True:
             if why is not None:
                 fallbacks += 1
@@ -325,8 +357,7 @@ class SftpDestination:
             mh = MultiHash(algos)
             if start:
                 await asyncio.to_thread(_hash_prefix, fd, start, mh)
-            total, fsynced = await self._upload(s, fd, path, start, mh, progress)
-            size = (await s.sftp.stat(path)).size if total >= 0 else None
+            total, size, fsynced = await self._upload(s, sftp, fd, path, start, mh, progress)
             if total >= 0 and size == total:
                 break
             if not start:
@@ -338,10 +369,10 @@ class SftpDestination:
             start = 0
         digests = mh.hexdigests()
         if self.rule.verify == "readback":
-            async with s.sftp.open(path, "rb") as f:
+            async with sftp.open(path, "rb") as f:
                 remote = await read_hash(f, total)
             if remote["sha256"] != digests["sha256"]:
-                await s.sftp.remove(path)
+                await sftp.remove(path)
                 raise RetryableError(f"read-back digest of {tmp} is {remote['sha256']}, "
                                      f"sent {digests['sha256']}: corrupted in transit")
         progress(total)
@@ -349,14 +380,14 @@ class SftpDestination:
                       resumed_from=start, fallbacks=fallbacks,
                       extra={"fsynced": fsynced, "verified": self.rule.verify})
 
-    async def _resume_point(self, s: _Session, fd: int, path: str,
+    async def _resume_point(self, sftp: asyncssh.SFTPClient, fd: int, path: str,
                             acked: int) -> tuple[int, str | None]:
         """(offset to continue from, None) or (0, why resuming is not safe). A partial
         that cannot be trusted is removed here."""
         src_size = os.fstat(fd).st_size
         why: str | None = None
         try:
-            size = (await s.sftp.stat(path)).size or 0
+            size = (await sftp.stat(path)).size or 0
         except asyncssh.SFTPNoSuchFile:
             log.info("transfer_restarted", destination=self.name, path=path, acked=acked,
                      reason="temporary is gone")
@@ -368,82 +399,84 @@ class SftpDestination:
         elif acked > src_size:
             why = f"source now has {src_size} bytes, fewer than the {acked} acknowledged"
         elif self.rule.verify == "readback":
-            async with s.sftp.open(path, "rb") as f:
+            async with sftp.open(path, "rb") as f:
                 remote = await read_hash(f, acked)
             local = await asyncio.to_thread(_hash_prefix, fd, acked, MultiHash())
             if remote["sha256"] != local.hexdigests()["sha256"]:
                 why = "prefix digest differs from the source"
         if why is not None:
             with contextlib.suppress(asyncssh.SFTPNoSuchFile):
-                await s.sftp.remove(path)
+                await sftp.remove(path)
             return 0, why
         return acked, None
 
-    async def _upload(self, s: _Session, fd: int, path: str, start: int, mh: MultiHash,
-                      progress: Progress) -> tuple[int, bool]:
-        """Stream fd[start:] into ``path`` (truncating unless resuming) and flush it:
-        (end offset, fsynced). (-1, False) if a resumed partial was truncated on open."""
+    async def _upload(self, s: _Session, sftp: asyncssh.SFTPClient, fd: int, path: str,
+                      start: int, mh: MultiHash, progress: Progress) -> tuple[int, int, bool]:
+        """Stream fd[start:] into ``path`` (truncating unless resuming), flush it, and
+        return (end offset, remote size, fsynced); end is -1 if a resumed partial was
+        truncated on open."""
         def on_ack(n: int) -> None:
             s.touch()
             progress(n)
 
-        async with s.sftp.open(path, "r+b" if start else "wb", block_size=0) as f:
+        async with sftp.open(path, "r+b" if start else "wb", block_size=0) as f:
             if start and ((await f.stat()).size or 0) < start:
-                return -1, False
-            write_len = min(s.sftp.limits.max_write_len, MAX_WRITE)
+                return -1, 0, False
+            write_len = min(sftp.limits.max_write_len, MAX_WRITE)
             total = await upload(f, fd, start, mh, write_len=write_len,
                                  pieces_per_block=PIECES_PER_BLOCK,
                                  max_inflight=MAX_INFLIGHT, on_ack=on_ack)
             fsynced = bool(self.rule.fsync and self.capabilities.get("fsync"))
             if fsynced:
                 await f.fsync()
-        return total, fsynced
+            size = (await f.stat()).size or 0
+        return total, size, fsynced
 
-    async def _rename(self, s: _Session, tmp: str, target: str) -> None:
+    async def _rename(self, sftp: asyncssh.SFTPClient, tmp: str, target: str) -> None:
         src, dst = self._path(tmp), self._path(target)
         if self.capabilities.get("posix_rename"):
-            await s.sftp.posix_rename(src, dst)
+            await sftp.posix_rename(src, dst)
             return
         try:
-            await s.sftp.rename(src, dst)
+            await sftp.rename(src, dst)
             return
         except asyncssh.SFTPError:
-            if not await s.sftp.exists(dst):
+            if not await sftp.exists(dst):
                 raise
         if self.rule.overwrite == "fail":
             raise PermanentError(f"{target} exists and the server cannot replace it "
                                  "atomically (no posix-rename); overwrite: fail")
         log.warning("sftp_replace_nonatomic", destination=self.name, target=target,
                     reason="server lacks posix-rename: removing the old file, then renaming")
-        await s.sftp.remove(dst)
-        await s.sftp.rename(src, dst)
+        await sftp.remove(dst)
+        await sftp.rename(src, dst)
 
     async def commit(self, staged: Staged) -> None:
-        async with self._op(f"renaming onto {staged.target}") as s:
-            await self._rename(s, staged.tmp, staged.target)
+        async with self._op(f"renaming onto {staged.target}") as (_, sftp):
+            await self._rename(sftp, staged.tmp, staged.target)
 
     async def finish_commit(self, target: str, tmp: str) -> bool:
-        async with self._op(f"renaming onto {target}") as s:
-            if await s.sftp.exists(self._path(tmp)):
-                await self._rename(s, tmp, target)
+        async with self._op(f"renaming onto {target}") as (_, sftp):
+            if await sftp.exists(self._path(tmp)):
+                await self._rename(sftp, tmp, target)
                 return True
-            return bool(await s.sftp.exists(self._path(target)))
+            return bool(await sftp.exists(self._path(target)))
 
     async def put_signal(self, target: str, data: bytes) -> None:
         tmp = temp_name(self.rule, target)
-        async with self._op(f"writing signal {target}") as s:
-            await self._makedirs(s, posixpath.dirname(self._path(tmp)))
-            await self._makedirs(s, posixpath.dirname(self._path(target)))
-            async with s.sftp.open(self._path(tmp), "wb") as f:
+        async with self._op(f"writing signal {target}") as (s, sftp):
+            await self._makedirs(s, sftp, posixpath.dirname(self._path(tmp)))
+            await self._makedirs(s, sftp, posixpath.dirname(self._path(target)))
+            async with sftp.open(self._path(tmp), "wb") as f:
                 await f.write(data, 0)
                 if self.rule.fsync and self.capabilities.get("fsync"):
                     await f.fsync()
-            await self._rename(s, tmp, target)
+            await self._rename(sftp, tmp, target)
 
     async def discard(self, tmp: str) -> None:
-        async with self._op(f"removing {tmp}") as s:
+        async with self._op(f"removing {tmp}") as (_, sftp):
             with contextlib.suppress(asyncssh.SFTPNoSuchFile):
-                await s.sftp.remove(self._path(tmp))
+                await sftp.remove(self._path(tmp))
 
 
 def _hash_prefix(fd: int, size: int, mh: MultiHash) -> MultiHash:

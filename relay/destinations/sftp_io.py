@@ -57,6 +57,13 @@ class AckTracker:
         return grew
 
 
+def _pread(fd: int, size: int, offset: int) -> bytes:
+    try:
+        return os.pread(fd, size, offset)
+    except OSError as exc:
+        raise SourceVanished(f"cannot read source at offset {offset}: {exc.strerror}") from exc
+
+
 async def upload(f: RemoteFile, fd: int, start: int, mh: MultiHash, *, write_len: int,
                  pieces_per_block: int, max_inflight: int,
                  on_ack: Callable[[int], None]) -> int:
@@ -64,14 +71,19 @@ async def upload(f: RemoteFile, fd: int, start: int, mh: MultiHash, *, write_len
     byte read into ``mh`` in order. ``on_ack(n)`` gets the acknowledged prefix as it grows.
     Returns the end offset. Raises whatever the remote file or the read raises; no write
     is left outstanding and no thread still reads ``fd`` when it returns or raises."""
+    if os.fstat(fd).st_size - start <= write_len:
+        # A small file: read inline and send one request; a thread hop would cost more.
+        offset = start
+        while data := _pread(fd, write_len, offset):
+            mh.update(data)
+            await f.write(data, offset)
+            offset += len(data)
+            on_ack(offset)
+        return offset
     block = write_len * pieces_per_block
 
     def read_and_hash(offset: int) -> bytes:
-        try:
-            data = os.pread(fd, block, offset)
-        except OSError as exc:
-            raise SourceVanished(f"cannot read source at offset {offset}: "
-                                 f"{exc.strerror}") from exc
+        data = _pread(fd, block, offset)
         if data:
             mh.update(data)
         return data
