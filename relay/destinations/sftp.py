@@ -18,8 +18,9 @@ at ``acked``. Anything unproven — no temporary, a short one, a server that tru
 open or ignores offsets — deletes the partial, restarts from zero and counts a fallback.
 
 Every wait on the network is bounded: asyncssh's connect/login timeouts and keepalives,
-plus a watchdog that aborts the connection when a request stays unanswered for
-``max(login_timeout, 2 * keepalive_interval)`` seconds. Library exceptions are translated
+plus a watchdog that aborts the connection when an operation has waited on the server for
+``max(login_timeout, 2 * keepalive_interval)`` seconds without any reply (more during an
+fsync, which may flush a large file at a slow disk's pace). Library exceptions are translated
 in :func:`_translate`, once: a refused host key is a PermanentError (an operator must look
 at known_hosts, then ``relay retry``); a refused login and everything network-shaped are
 RetryableErrors, so a partner fixing an account needs no operator on our side.
@@ -60,6 +61,7 @@ MAX_WRITE = 256 * 1024  # even if a server allows more: finer acknowledgements t
 # request at a time per channel, so one file's fsync would stall every other file on it;
 # OpenSSH allows 10 sessions per connection (MaxSessions).
 MAX_CHANNELS = 8
+FSYNC_FLOOR = 20e6  # bytes/s a server's disk flushes at least: extra watchdog patience
 PIECES_PER_BLOCK = 4   # source read + hashed per thread hop: 4 x the write limit
 
 
@@ -92,8 +94,9 @@ class _Session:
     channels: list[asyncssh.SFTPClient]
     stall: float
     load: list[int] = field(default_factory=list)
-    busy: int = 0
+    busy: int = 0       # operations waiting on the server
     last: float = field(default_factory=time.monotonic)
+    extra: float = 0.0  # more patience while a long request (fsync) is outstanding
     dirs: set[str] = field(default_factory=set)
     ready: bool = False  # root checked and server probed
     _timer: asyncio.TimerHandle | None = None
@@ -104,7 +107,7 @@ class _Session:
     def _check(self) -> None:
         # wait_for() cannot interrupt a request stuck in the library; aborting the
         # connection fails every outstanding request at once, exactly on time.
-        if self.busy and time.monotonic() - self.last > self.stall:
+        if self.busy and time.monotonic() - self.last > self.stall + self.extra:
             log.warning("sftp_connection_stalled", host=self.conn.get_extra_info("host"),
                         stalled_s=round(time.monotonic() - self.last, 1))
             self.conn.abort()
@@ -128,6 +131,7 @@ class _Session:
 
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
+        """An operation waiting on the server (replies call touch())."""
         if not self.busy:
             self.last = time.monotonic()
         self.busy += 1
@@ -136,6 +140,24 @@ class _Session:
         finally:
             self.busy -= 1
             self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def idle(self) -> Iterator[None]:
+        """Local work inside an operation (hashing a prefix): not a wait on the server."""
+        self.busy -= 1
+        try:
+            yield
+        finally:
+            self.busy += 1
+            self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def patience(self, seconds: float) -> Iterator[None]:
+        self.extra += seconds
+        try:
+            yield
+        finally:
+            self.extra -= seconds
 
     def close(self) -> None:
         if self._timer is not None:
@@ -345,7 +367,8 @@ class SftpDestination:
                      progress: Progress) -> Staged:
         path = self._path(tmp)
         fallbacks = 0
-        start, why = (await self._resume_point(sftp, fd, path, acked)) if acked else (0, None)
+        start, why = ((await self._resume_point(s, sftp, fd, path, acked)) if acked
+                      else (0, None))
         while True:
             if why is not None:
                 fallbacks += 1
@@ -356,7 +379,8 @@ class SftpDestination:
                          resumed_from=start)
             mh = MultiHash(algos)
             if start:
-                await asyncio.to_thread(_hash_prefix, fd, start, mh)
+                with s.idle():
+                    await asyncio.to_thread(_hash_prefix, fd, start, mh)
             total, size, fsynced = await self._upload(s, sftp, fd, path, start, mh, progress)
             if total >= 0 and size == total:
                 break
@@ -370,7 +394,7 @@ class SftpDestination:
         digests = mh.hexdigests()
         if self.rule.verify == "readback":
             async with sftp.open(path, "rb") as f:
-                remote = await read_hash(f, total)
+                remote = await read_hash(f, total, on_block=s.touch)
             if remote["sha256"] != digests["sha256"]:
                 await sftp.remove(path)
                 raise RetryableError(f"read-back digest of {tmp} is {remote['sha256']}, "
@@ -380,8 +404,8 @@ class SftpDestination:
                       resumed_from=start, fallbacks=fallbacks,
                       extra={"fsynced": fsynced, "verified": self.rule.verify})
 
-    async def _resume_point(self, sftp: asyncssh.SFTPClient, fd: int, path: str,
-                            acked: int) -> tuple[int, str | None]:
+    async def _resume_point(self, s: _Session, sftp: asyncssh.SFTPClient, fd: int,
+                            path: str, acked: int) -> tuple[int, str | None]:
         """(offset to continue from, None) or (0, why resuming is not safe). A partial
         that cannot be trusted is removed here."""
         src_size = os.fstat(fd).st_size
@@ -400,8 +424,9 @@ class SftpDestination:
             why = f"source now has {src_size} bytes, fewer than the {acked} acknowledged"
         elif self.rule.verify == "readback":
             async with sftp.open(path, "rb") as f:
-                remote = await read_hash(f, acked)
-            local = await asyncio.to_thread(_hash_prefix, fd, acked, MultiHash())
+                remote = await read_hash(f, acked, on_block=s.touch)
+            with s.idle():
+                local = await asyncio.to_thread(_hash_prefix, fd, acked, MultiHash())
             if remote["sha256"] != local.hexdigests()["sha256"]:
                 why = "prefix digest differs from the source"
         if why is not None:
@@ -425,10 +450,13 @@ class SftpDestination:
             write_len = min(sftp.limits.max_write_len, MAX_WRITE)
             total = await upload(f, fd, start, mh, write_len=write_len,
                                  pieces_per_block=PIECES_PER_BLOCK,
-                                 max_inflight=MAX_INFLIGHT, on_ack=on_ack)
+                                 max_inflight=MAX_INFLIGHT, on_ack=on_ack,
+                                 heartbeat=s.touch)
             fsynced = bool(self.rule.fsync and self.capabilities.get("fsync"))
             if fsynced:
-                await f.fsync()
+                # The server writes back everything dirty: allow for a slow disk.
+                with s.patience((total - start) / FSYNC_FLOOR):
+                    await f.fsync()
             size = (await f.stat()).size or 0
         return total, size, fsynced
 

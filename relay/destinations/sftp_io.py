@@ -65,10 +65,11 @@ def _pread(fd: int, size: int, offset: int) -> bytes:
 
 
 async def upload(f: RemoteFile, fd: int, start: int, mh: MultiHash, *, write_len: int,
-                 pieces_per_block: int, max_inflight: int,
-                 on_ack: Callable[[int], None]) -> int:
+                 pieces_per_block: int, max_inflight: int, on_ack: Callable[[int], None],
+                 heartbeat: Callable[[], None] = lambda: None) -> int:
     """Write ``fd`` from ``start`` to its end into ``f`` at the same offsets, hashing every
-    byte read into ``mh`` in order. ``on_ack(n)`` gets the acknowledged prefix as it grows.
+    byte read into ``mh`` in order. ``on_ack(n)`` gets the acknowledged prefix as it grows;
+    ``heartbeat()`` is called whenever a source block was read (local progress).
     Returns the end offset. Raises whatever the remote file or the read raises; no write
     is left outstanding and no thread still reads ``fd`` when it returns or raises."""
     if os.fstat(fd).st_size - start <= write_len:
@@ -109,6 +110,7 @@ async def upload(f: RemoteFile, fd: int, start: int, mh: MultiHash, *, write_len
     try:
         while True:
             data = await ahead
+            heartbeat()
             if not data:
                 break
             # Read (and hash) the next block on a thread while this one is being sent.
@@ -138,9 +140,11 @@ async def upload(f: RemoteFile, fd: int, start: int, mh: MultiHash, *, write_len
             ahead.exception()  # retrieved: a read error after a write error is not news
 
 
-async def read_hash(f: RemoteFile, size: int, algos: tuple[str, ...] = ()) -> dict[str, str]:
+async def read_hash(f: RemoteFile, size: int, algos: tuple[str, ...] = (),
+                    on_block: Callable[[], None] = lambda: None) -> dict[str, str]:
     """Digests of the first ``size`` bytes of remote ``f`` (read in parallel requests,
-    hashed on a thread). Raises EOFError if the file is shorter."""
+    hashed on a thread; ``on_block()`` after each block). Raises EOFError if the file is
+    shorter."""
     mh = MultiHash(algos)
     offset = 0
     while offset < size:
@@ -148,6 +152,7 @@ async def read_hash(f: RemoteFile, size: int, algos: tuple[str, ...] = ()) -> di
         data = await f.read(want, offset)
         if not data:
             raise EOFError(f"remote file ends at {offset}, expected {size} bytes")
+        on_block()
         await asyncio.to_thread(mh.update, data)
         offset += len(data)
     return mh.hexdigests()

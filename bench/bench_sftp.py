@@ -1,0 +1,275 @@
+"""Local → SFTP benchmarks: relay against OpenSSH's own clients, same files, same run.
+
+Starts its own loopback OpenSSH sshd (throwaway keys, internal-sftp; see
+tests/sshd_server.py) and measures, for the same files:
+
+- one large file with its sha256 sidecar: relay (`relay run --once`: the whole process,
+  and the delivery alone from its log: file_ready → file_delivered, which is what a running
+  daemon spends), `sftp -b` with default settings, `sftp -b -c aes128-gcm@openssh.com` (the
+  cipher relay prefers), `sftp -b -f` (flush, as relay's fsync does) and `scp`; MB/s and
+  time ratio to `sftp` (< 1 means relay is faster);
+- N small 4 KiB files, each with a sidecar: relay vs one `sftp -b` batch of the same puts,
+  vs the same batch done atomically (put to a temporary, rename), vs `scp -r`; files/s.
+
+    python bench/bench_sftp.py                 # 1 GiB, 2,000 small files, 3 runs
+    python bench/bench_sftp.py --quick         # seconds-long smoke run (used by the tests)
+
+Prints a table and JSON; writes bench/results/sftp-<date>.json unless --no-save/--quick.
+The numbers depend on the machine: client and server share its cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from tests.sshd_server import Sshd, running_sshd  # noqa: E402
+
+GCM = "aes128-gcm@openssh.com"
+
+
+def _ssh_opts(s: Sshd) -> list[str]:
+    return ["-F", "/dev/null", "-i", str(s.client_key), "-o", "IdentitiesOnly=yes",
+            "-o", f"UserKnownHostsFile={s.known_hosts}", "-o", "BatchMode=yes",
+            "-P", str(s.port)]
+
+
+def _timed(cmd: list[str], **kw: Any) -> float:
+    kw.setdefault("stdout", subprocess.DEVNULL)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, **kw)
+    return time.perf_counter() - t
+
+
+def _sftp_batch(s: Sshd, batch: Path, *extra: str) -> float:
+    return _timed(["sftp", "-q", *_ssh_opts(s), *extra, "-b", str(batch),
+                   f"{s.user}@{s.host}"])
+
+
+def _relay(s: Sshd, root: Path, src: Path, out: Path, concurrency: int,
+           dest_concurrency: int, sync: str = "full") -> tuple[float, list[dict[str, Any]]]:
+    """`relay run --once`: (wall seconds, log events)."""
+    rules = root / "rules"
+    rules.mkdir(parents=True, exist_ok=True)
+    (rules / "r.yaml").write_text(yaml.safe_dump({
+        "sources": [{"name": "in", "path": str(src)}],
+        "destinations": [{"name": "sshd", "url": s.url(out), "identity": str(s.client_key),
+                          "known_hosts": str(s.known_hosts),
+                          "concurrency": dest_concurrency}],
+        "routes": [{"name": "r", "source": "in", "to": ["sshd"]}],
+    }))
+    env = dict(os.environ, RELAY_RULES=str(rules), RELAY_JOURNAL=str(root / "j.sqlite3"),
+               RELAY_METRICS_ADDR="", RELAY_LOG_LEVEL="info", RELAY_LOG_FORMAT="json",
+               RELAY_CONCURRENCY=str(concurrency), RELAY_JOURNAL_SYNC=sync)
+    log = root / "relay.log"
+    with open(log, "wb") as logf:  # a file, not a pipe: an unread pipe would stall relay
+        secs = _timed([sys.executable, "-m", "relay.cli", "run", "--once"], env=env,
+                      stdout=logf)
+    events = [json.loads(line) for line in log.read_text().splitlines()
+              if line.startswith("{")]
+    return secs, events
+
+
+def _span(events: list[dict[str, Any]], first: str, last: str) -> float:
+    """Seconds from the first ``first`` event to the last ``last`` event."""
+    ts = [dt.datetime.fromisoformat(e["timestamp"]) for e in events if e["event"] == first]
+    te = [dt.datetime.fromisoformat(e["timestamp"]) for e in events if e["event"] == last]
+    return (max(te) - min(ts)).total_seconds()
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
+          dest_conc: int) -> dict[str, Any]:
+    src = work / "big-src"
+    src.mkdir()
+    payload = src / "big.bin"
+    block = os.urandom(1 << 20)
+    with open(payload, "wb") as f:
+        for _ in range(max(1, size >> 20)):
+            f.write(block if size >= 1 << 20 else block[:size])
+    size = payload.stat().st_size
+    digest = _digest(payload)
+    sidecar = src / "big.bin.sha256"
+    sidecar.write_text(f"{digest}  big.bin\n")
+    names = ["relay (delivery)", "relay (verify + delivery)", "relay (--once, whole process)",
+             "sftp -b", "sftp -b (gcm)", "sftp -b -f (flush)", "scp"]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(runs):
+        for name in names[2:]:  # interleaved, so load changes hit every contender alike
+            out = s.root / f"large-{i}-{name.split()[0]}-{len(times[name])}"
+            out.mkdir()
+            if name.startswith("relay"):
+                wall, events = _relay(s, work / f"relay-large-{i}", src, out, conc, dest_conc)
+                times[name].append(wall)
+                times["relay (delivery)"].append(_span(events, "file_ready", "file_delivered"))
+                times["relay (verify + delivery)"].append(
+                    _span(events, "file_seen", "file_delivered"))
+                assert (out / "big.bin.sha256").exists(), "relay did not deliver"
+            elif name == "scp":
+                times[name].append(_timed(["scp", "-q", *_ssh_opts(s), str(payload),
+                                           str(sidecar), f"{s.user}@{s.host}:{out}/"]))
+            else:
+                batch = work / "batch"
+                batch.write_text(f"put {payload} {out}/big.bin\nput {sidecar} {out}/\n")
+                extra = {"sftp -b": (), "sftp -b (gcm)": ("-c", GCM),
+                         "sftp -b -f (flush)": ("-f",)}[name]
+                times[name].append(_sftp_batch(s, batch, *extra))
+            assert (out / "big.bin").stat().st_size == size
+            shutil.rmtree(out)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    base = med["sftp -b"]
+    return {"size_bytes": size, "runs": runs, "median_s": {k: round(v, 3) for k, v in med.items()},
+            "mb_s": {k: round(size / v / 1e6, 1) for k, v in med.items()},
+            "ratio_to_sftp": {k: round(v / base, 3) for k, v in med.items()},
+            "ratio_relay_delivery_to_sftp_gcm": round(med["relay (delivery)"]
+                                                      / med["sftp -b (gcm)"], 3),
+            "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+
+
+def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
+          dest_conc: int) -> dict[str, Any]:
+    src = work / "small-src"
+    dirs = 10
+    for i in range(count):
+        data = os.urandom(4096)
+        d = src / f"d{i % dirs}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.dat").write_bytes(data)
+        (d / f"f{i}.dat.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  f{i}.dat\n")
+    rels = [f"d{i % dirs}/f{i}.dat" for i in range(count)]
+    names = ["relay (delivery)", "relay (--once, whole process)", "sftp -b puts",
+             "sftp -b put tmp + rename", "scp -r"]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(runs):
+        for name in names[1:]:
+            out = s.root / f"small-{i}-{names.index(name)}"
+            out.mkdir()
+            if name.startswith("relay"):
+                wall, events = _relay(s, work / f"relay-small-{i}", src, out, conc, dest_conc)
+                times[name].append(wall)
+                times["relay (delivery)"].append(_span(events, "file_ready", "file_delivered"))
+            elif name == "scp -r":
+                times[name].append(_timed(["scp", "-q", "-r", *_ssh_opts(s), f"{src}/.",
+                                           f"{s.user}@{s.host}:{out}/"]))
+            else:
+                lines = [f"-mkdir {out}/d{d}" for d in range(dirs)]
+                for rel in rels:
+                    for f in (rel, rel + ".sha256"):
+                        if name == "sftp -b puts":
+                            lines.append(f"put {src}/{f} {out}/{f}")
+                        else:
+                            head, _, tail = f.rpartition("/")
+                            lines.append(f"put {src}/{f} {out}/{head}/.{tail}.tmp")
+                            lines.append(f"rename {out}/{head}/.{tail}.tmp {out}/{f}")
+                batch = work / "small-batch"
+                batch.write_text("\n".join(lines) + "\n")
+                times[name].append(_sftp_batch(s, batch))
+            got = sum(1 for _ in out.rglob("*.dat"))
+            assert got == count, (name, got, count)
+            shutil.rmtree(out)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    fps = {k: round(count / v, 1) for k, v in med.items()}
+    return {"files": count, "file_bytes": 4096, "runs": runs,
+            "median_s": {k: round(v, 3) for k, v in med.items()}, "files_per_s": fps,
+            "speedup_vs_sftp_puts": {k: round(v / fps["sftp -b puts"], 2)
+                                     for k, v in fps.items()},
+            "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+
+
+def machine() -> dict[str, object]:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "kernel": platform.release(), "openssh": ssh,
+            "loadavg_at_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    ap.add_argument("--size-mib", type=int, default=1024, help="large file size (MiB)")
+    ap.add_argument("--small", type=int, default=2000, help="number of 4 KiB files")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--concurrency", type=int, default=32, help="RELAY_CONCURRENCY")
+    ap.add_argument("--dest-concurrency", type=int, default=16,
+                    help="the SFTP destination's concurrency")
+    ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--workdir", type=Path, default=None,
+                    help="where to create files and run sshd (default: a temp dir in /var/tmp)")
+    a = ap.parse_args()
+    if a.quick:
+        a.size_mib, a.small, a.runs = 4, 30, 1
+    base = a.workdir or Path("/var/tmp")
+    with tempfile.TemporaryDirectory(prefix="relay-bench-sftp-", dir=base) as tmp:
+        work = Path(tmp)
+        with running_sshd(work / "sshd") as s:
+            result = {
+                "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+                "machine": machine(),
+                "relay_settings": {"RELAY_CONCURRENCY": a.concurrency,
+                                   "destination_concurrency": a.dest_concurrency,
+                                   "journal_sync": "full", "fsync": True},
+                "large": large(s, work, a.size_mib << 20, a.runs, a.concurrency,
+                               a.dest_concurrency),
+                "small": small(s, work, a.small, a.runs, a.concurrency, a.dest_concurrency),
+            }
+    _table(result)
+    print(json.dumps(result, indent=2))
+    if not a.no_save and not a.quick:
+        out = HERE / "results" / f"sftp-{dt.date.today().isoformat()}.json"
+        out.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"saved {out}")
+    return 0
+
+
+def _table(r: dict[str, Any]) -> None:
+    lg, sm = r["large"], r["small"]
+    print(f"\nmachine: {r['machine']}")
+    print(f"relay: {r['relay_settings']}")
+    mib = lg["size_bytes"] >> 20
+    print(f"\n{'large: ' + str(mib) + ' MiB + sidecar':<36} {'median':>9} {'MB/s':>8} "
+          f"{'time / sftp':>12}")
+    for k, v in lg["median_s"].items():
+        print(f"  {k:<34} {v:>8.3f}s {lg['mb_s'][k]:>8} {lg['ratio_to_sftp'][k]:>11}x")
+    print(f"  {'relay (delivery) / sftp -b (gcm)':<34} {'':>9} {'':>8} "
+          f"{lg['ratio_relay_delivery_to_sftp_gcm']:>11}x")
+    print(f"\n{'small: ' + str(sm['files']) + ' x 4 KiB + sidecar':<36} {'median':>9} "
+          f"{'files/s':>8} {'vs sftp -b':>12}")
+    for k, v in sm["median_s"].items():
+        print(f"  {k:<34} {v:>8.3f}s {sm['files_per_s'][k]:>8} "
+              f"{sm['speedup_vs_sftp_puts'][k]:>11}x")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
