@@ -65,9 +65,14 @@ def listed(st: dict[str, Any], state: str) -> dict[str, dict[str, Any]]:
 
 def journal_row(tmp: Path, rel: str) -> tuple[str, str | None] | None:
     """(state, reason) of ``rel`` in the journal, read while relay may be running."""
+    key: str | bytes = rel
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:  # a name that is not UTF-8 can only be stored as bytes
+        key = rel.encode("utf-8", "surrogateescape")
     db = sqlite3.connect(tmp / "journal.sqlite3", timeout=10)
     try:
-        row = db.execute("SELECT state, reason FROM files WHERE rel=?", (rel,)).fetchone()
+        row = db.execute("SELECT state, reason FROM files WHERE rel=?", (key,)).fetchone()
     except sqlite3.OperationalError:  # not created yet
         return None
     finally:
@@ -133,7 +138,7 @@ MALFORMED = {
     "names_other_file": (f"{sha256(DATA)}  other.csv", "no line names 'f.csv'"),
     "bsd_names_other_file": (f"SHA256 (other.csv) = {sha256(DATA)}", "no line names"),
     "wrong_algo_in_bsd_line": (f"MD5 (f.csv) = {hashlib.md5(DATA).hexdigest()}", "declares md5"),
-    "binary_garbage": ("\udcff\udcfe\x00\x01", "not UTF-8"),
+    "binary_garbage": ("\udcff\udcfe\x00\x01", "malformed sidecar f.csv.sha256"),
 }
 
 
