@@ -10,6 +10,8 @@ tests/sshd_server.py) and measures, for the same files:
   time ratio to `sftp` (< 1 means relay is faster);
 - N small 4 KiB files, each with a sidecar: relay vs one `sftp -b` batch of the same puts,
   vs the same batch done atomically (put to a temporary, rename), vs `scp -r`; files/s.
+  Two more rows locate relay's limit: the same engine delivering to a local folder, and
+  the SFTP backend alone (in this process, no journal), both with the same settings.
 
     python bench/bench_sftp.py                 # 1 GiB, 2,000 small files, 3 runs
     python bench/bench_sftp.py --quick         # seconds-long smoke run (used by the tests)
@@ -21,6 +23,7 @@ The numbers depend on the machine: client and server share its cores.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -64,15 +67,18 @@ def _sftp_batch(s: Sshd, batch: Path, *extra: str) -> float:
 
 
 def _relay(s: Sshd, root: Path, src: Path, out: Path, concurrency: int,
-           dest_concurrency: int, sync: str = "full") -> tuple[float, list[dict[str, Any]]]:
-    """`relay run --once`: (wall seconds, log events)."""
+           dest_concurrency: int, sync: str = "full",
+           local: bool = False) -> tuple[float, list[dict[str, Any]]]:
+    """`relay run --once` to the sshd (or, ``local``, to a plain folder): (wall seconds,
+    log events)."""
     rules = root / "rules"
     rules.mkdir(parents=True, exist_ok=True)
+    dest = ({"name": "sshd", "url": f"file://{out}"} if local else
+            {"name": "sshd", "url": s.url(out), "identity": str(s.client_key),
+             "known_hosts": str(s.known_hosts), "concurrency": dest_concurrency})
     (rules / "r.yaml").write_text(yaml.safe_dump({
         "sources": [{"name": "in", "path": str(src)}],
-        "destinations": [{"name": "sshd", "url": s.url(out), "identity": str(s.client_key),
-                          "known_hosts": str(s.known_hosts),
-                          "concurrency": dest_concurrency}],
+        "destinations": [dest],
         "routes": [{"name": "r", "source": "in", "to": ["sshd"]}],
     }))
     env = dict(os.environ, RELAY_RULES=str(rules), RELAY_JOURNAL=str(root / "j.sqlite3"),
@@ -161,17 +167,24 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
         (d / f"f{i}.dat").write_bytes(data)
         (d / f"f{i}.dat.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  f{i}.dat\n")
     rels = [f"d{i % dirs}/f{i}.dat" for i in range(count)]
-    names = ["relay (delivery)", "relay (--once, whole process)", "sftp -b puts",
-             "sftp -b put tmp + rename", "scp -r"]
+    names = ["relay (delivery)", "relay (--once, whole process)",
+             "relay to file:// (engine alone)", "SFTP backend alone (no engine)",
+             "sftp -b puts", "sftp -b put tmp + rename", "scp -r"]
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(runs):
         for name in names[1:]:
-            out = s.root / f"small-{i}-{names.index(name)}"
+            out = (work if "file://" in name else s.root) / f"small-{i}-{names.index(name)}"
             out.mkdir()
-            if name.startswith("relay"):
+            if name == "relay (--once, whole process)":
                 wall, events = _relay(s, work / f"relay-small-{i}", src, out, conc, dest_conc)
                 times[name].append(wall)
                 times["relay (delivery)"].append(_span(events, "file_ready", "file_delivered"))
+            elif name.startswith("relay to file"):
+                _, events = _relay(s, work / f"relay-local-{i}", src, out, conc, dest_conc,
+                                   local=True)
+                times[name].append(_span(events, "file_ready", "file_delivered"))
+            elif name.startswith("SFTP backend"):
+                times[name].append(asyncio.run(_backend(s, src, out, rels, dest_conc)))
             elif name == "scp -r":
                 times[name].append(_timed(["scp", "-q", "-r", *_ssh_opts(s), f"{src}/.",
                                            f"{s.user}@{s.host}:{out}/"]))
@@ -198,6 +211,35 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
             "speedup_vs_sftp_puts": {k: round(v / fps["sftp -b puts"], 2)
                                      for k, v in fps.items()},
             "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+
+
+async def _backend(s: Sshd, src: Path, out: Path, rels: list[str], conc: int) -> float:
+    """The SFTP destination in this process, no journal or engine: stage, commit and
+    sidecar for every file, ``conc`` files at a time. Seconds."""
+    from relay.destinations.sftp import SftpDestination
+    from relay.logs import configure
+    from relay.rules import DestinationRule
+
+    configure("warning", "json")
+
+    dest = SftpDestination(DestinationRule(
+        name="sshd", url=s.url(out), identity=s.client_key, known_hosts=s.known_hosts,
+        concurrency=conc))
+    await dest.start()
+    slots = asyncio.Semaphore(conc)
+
+    async def one(rel: str) -> None:
+        async with slots:
+            staged = await dest.stage(src / rel, rel, (), 0, lambda n: None)
+            await dest.commit(staged)
+            await dest.put_signal(rel + ".sha256", f"{staged.digests['sha256']}  x\n".encode())
+
+    t = time.perf_counter()
+    try:
+        await asyncio.gather(*(one(rel) for rel in rels))
+        return time.perf_counter() - t
+    finally:
+        await dest.close()
 
 
 def machine() -> dict[str, object]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -168,3 +169,14 @@ def test_check_probe_shows_capabilities(tmp_path: Path, sshd: Sshd,  # noqa: F81
     line = next(s for s in res.stdout.splitlines() if s.startswith("partner: ok "))
     caps = json.loads(line.removeprefix("partner: ok "))
     assert caps["posix_rename"] is True and caps["fsync"] is True and caps["resume"] is True
+
+
+def test_bench_sftp_quick_runs_and_reports() -> None:
+    """bench_sftp.py --quick starts its own sshd and reports every contender's numbers."""
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_sftp.py"
+    res = subprocess.run([sys.executable, str(script), "--quick", "--no-save"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    data = json.loads(res.stdout[res.stdout.index("\n{") + 1:])
+    assert set(data["large"]["mb_s"]) >= {"relay (delivery)", "sftp -b", "scp"}
+    assert data["large"]["ratio_to_sftp"]["sftp -b"] == 1.0
+    assert data["small"]["files"] == 30 and data["small"]["files_per_s"]["relay (delivery)"] > 0
