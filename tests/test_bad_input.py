@@ -234,7 +234,7 @@ def test_signal_without_payload_is_quarantined_and_a_late_payload_still_goes(
                  "late payloads delivered")
         for name, data in late.items():
             assert (out / name).read_bytes() == data
-            assert journal_row(tmp_path, name) == ("done", None)
+            wait_for(lambda n=name: journal_row(tmp_path, n) == ("done", None), 10, "done")
     finally:
         assert relay.stop() == 0
 
