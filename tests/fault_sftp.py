@@ -6,7 +6,8 @@ time, e.g. after relay's first-connect probe has seen a well-behaved server:
 
 - ``truncate_on_open``  every open for writing empties the file (like some appliances)
 - ``ignore_offsets``    every write goes to the end of the file, whatever offset it names
-- ``drop_after``        abort the connection once this many more bytes have been written
+- ``drop_after``        once this many more bytes have been written, stop answering and
+                        abort the connection 0.1 s later
 - ``no_posix_rename``   refuse posix-rename@openssh.com (SFTP "operation unsupported")
 - ``stall``             never answer write requests (the connection itself stays up)
 
@@ -69,10 +70,13 @@ class _SFTP(asyncssh.SFTPServer):
             return _RELEASE.wait()  # answered only when the server shuts down
         if f.drop_after is not None:
             if len(data) > f.drop_after:
+                # Stop answering, then drop the connection a moment later: the replies to
+                # earlier writes reach the client first (an abort right away would reset
+                # the connection before it read them), as in a real network outage.
                 f.drop_after = None
                 f.drops += 1
-                self.connection.abort()
-                raise asyncssh.SFTPConnectionLost("fault injected: connection dropped")
+                asyncio.get_running_loop().call_later(0.1, self.connection.abort)
+                return _RELEASE.wait()
             f.drop_after -= len(data)
         if f.ignore_offsets:
             file_obj.seek(0, 2)  # type: ignore[attr-defined]

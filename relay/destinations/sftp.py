@@ -62,7 +62,7 @@ MAX_WRITE = 256 * 1024  # even if a server allows more: finer acknowledgements t
 # OpenSSH allows 10 sessions per connection (MaxSessions).
 MAX_CHANNELS = 8
 FSYNC_FLOOR = 20e6  # bytes/s a server's disk flushes at least: extra watchdog patience
-PIECES_PER_BLOCK = 4   # source read + hashed per thread hop: 4 x the write limit
+PIECES_PER_BLOCK = 8   # source read + hashed per thread hop: 8 x the write limit (2 MiB)
 
 
 def parse_sftp_url(url: str) -> tuple[str, str, int, str]:

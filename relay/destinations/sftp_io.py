@@ -16,7 +16,7 @@ import asyncio
 import os
 from collections import deque
 from collections.abc import Awaitable, Callable
-from typing import Protocol
+from typing import Protocol, cast
 
 from relay.errors import SourceVanished
 from relay.hashing import MultiHash
@@ -115,11 +115,13 @@ async def upload(f: RemoteFile, fd: int, start: int, mh: MultiHash, *, write_len
                 break
             # Read (and hash) the next block on a thread while this one is being sent.
             ahead = asyncio.ensure_future(asyncio.to_thread(read_and_hash, offset + len(data)))
+            view = memoryview(data)
             for i in range(0, len(data), write_len):
                 await slots.acquire()
                 if failures:
                     raise failures[0]
-                piece = data[i:i + write_len]
+                # A view, not a copy: asyncssh only concatenates it into the packet.
+                piece = cast(bytes, view[i:i + write_len])
                 entry = acks.issue(offset + i + len(piece))
                 task = asyncio.ensure_future(put(piece, offset + i, entry))
                 pending.add(task)
