@@ -337,7 +337,7 @@ def test_awkward_names_are_delivered_byte_for_byte(
     assert tree(out) == set(files) | {f"{n}.sha256" for n in files}
     for n, data in files.items():
         assert (out / n).read_bytes() == data, n
-        assert (out / f"{n}.sha256").read_text().startswith(sha256(data)), n
+        assert sha256(data) in (out / f"{n}.sha256").read_text(), n
         assert journal_row(tmp_path, n) == ("done", None), n
 
 
