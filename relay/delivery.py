@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from relay.destinations.base import Destination, Staged
-from relay.errors import DigestMismatch, PermanentError, RetryableError, SourceVanished
+from relay.errors import (
+    DigestMismatch,
+    PermanentError,
+    RetryableError,
+    SourceChanged,
+    SourceVanished,
+)
 from relay.journal import Delivery, FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS
@@ -73,9 +80,21 @@ async def deliver_to(
     (and the journal) say what happened."""
     by_member = {m.rel: m for m in members}
     rows = [d for d in journal.deliveries(row.id) if d.destination == dest.name]
-    todo = [d for d in rows if d.state not in ("delivered", "failed")]
+    gave_up = [d for d in rows if d.state == "failed"]
+    if gave_up:
+        # This destination gave up on (a member of) this generation: that is never
+        # "delivered", whatever the other destinations do (only `relay retry` resets it).
+        return Outcome("failed", gave_up[0].last_error or "failed earlier")
+    todo = [d for d in rows if d.state != "delivered"]
     if not todo:
         return Outcome("delivered")
+    resumed = {d.id for d in todo if d.state == "signalling"}
+    for d in todo:
+        if d.state in ("renaming", "signalling"):
+            # Resuming after the bytes were staged (a retry or a restart) is an attempt
+            # too: without counting it, a step that always fails would retry forever.
+            d.attempts += 1
+            journal.update_delivery(d.id, attempts=d.attempts)
     current: Delivery | None = None
     staged: list[tuple[Delivery, Staged]] = []
     try:
@@ -108,10 +127,10 @@ async def deliver_to(
             current = d
             assert d.sha256 is not None
             if batch_marker is None:
-                await _write_signals(dest, route, d.target, d.sha256)
+                await _write_signals(dest, route, d.target, d.sha256, d.id in resumed)
             done.append(d)
         if batch_marker is not None and done:
-            await dest.put_signal(batch_marker, b"")
+            await _put_signal(dest, batch_marker, b"", bool(resumed))
         for d in done:
             assert d.sha256 is not None
             journal.mark_delivered(d, route.name, d.sha256)
@@ -120,8 +139,9 @@ async def deliver_to(
             log.info("file_delivered", file=d.member, route=route.name,
                      destination=dest.name, target=d.target, bytes=d.size, sha256=d.sha256)
         return Outcome("delivered")
-    except DigestMismatch as exc:
-        METRICS.digest_mismatches.labels(route.name).inc()
+    except (DigestMismatch, SourceChanged) as exc:
+        if isinstance(exc, DigestMismatch):
+            METRICS.digest_mismatches.labels(route.name).inc()
         for _, st in staged:  # members of a batch staged before the bad one
             await dest.discard(st.tmp)
         for d in journal.deliveries(row.id, "staging"):
@@ -202,7 +222,16 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
             log.info("transfer_progress", file=m.rel, destination=dest.name, bytes=acked,
                      rate_mb_s=round(rate / 1e6, 1))
 
+    before = _identity(src_root / m.rel)
     staged = await dest.stage(src_root / m.rel, d.target, algos, d.acked, progress)
+    after = _identity(src_root / m.rel)
+    if m.declared is None and (before != after or (after and after[1] != staged.size)):
+        # Written, truncated or replaced while we copied it. With a declared digest the
+        # hash check would catch it; an empty marker vouches for nothing but the bytes
+        # as they were, so what we staged may be neither the old nor the new file.
+        await dest.discard(staged.tmp)
+        raise SourceChanged(f"{m.rel} changed while it was being copied "
+                            f"({staged.size} bytes read)")
     if staged.fallbacks:
         METRICS.resume_fallbacks.labels(dest.name).inc(staged.fallbacks)
         journal.update_delivery(d.id, fallbacks=d.fallbacks + staged.fallbacks)
@@ -234,9 +263,27 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
     return staged
 
 
-async def _write_signals(dest: Destination, route: Route, target: str, sha256: str) -> None:
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+async def _write_signals(dest: Destination, route: Route, target: str, sha256: str,
+                         resumed: bool) -> None:
     body = signal_body(target, sha256)
     if route.signal in ("sha256", "both"):
-        await dest.put_signal(target + ".sha256", body)
+        await _put_signal(dest, target + ".sha256", body, resumed)
     if route.signal in ("marker", "both"):
-        await dest.put_signal(target + route.marker_suffix, body)
+        await _put_signal(dest, target + route.marker_suffix, body, resumed)
+
+
+async def _put_signal(dest: Destination, target: str, body: bytes, resumed: bool) -> None:
+    """Write a downstream signal. When resuming after a crash, one already in place with
+    the same bytes is left alone: rewriting it would wake downstream watchers twice."""
+    same = getattr(dest, "has_identical", None)
+    if resumed and same is not None and await same(target, body):
+        return
+    await dest.put_signal(target, body)

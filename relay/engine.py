@@ -19,14 +19,14 @@ from typing import Any
 from relay.breaker import Breaker
 from relay.config import Settings
 from relay.delivery import Member, Outcome, deliver_to
-from relay.destinations.base import Destination, open_destination
+from relay.destinations.base import NAME_MAX, Destination, open_destination
 from relay.errors import TransferError, UnsafePathError
 from relay.hashing import hash_file
 from relay.journal import FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS
 from relay.paths import compile_glob, render_template, safe_relpath
-from relay.readiness import Declared, classify, gather, gather_batch
+from relay.readiness import Declared, classify, gather, gather_batch, through_symlink
 from relay.rules import Route, Rules, SourceRule
 from relay.watcher import SourceWatcher, scan
 
@@ -303,6 +303,8 @@ class Engine:
                 plan = [(m.rel, d, render_template(route.path, m.rel, source=src.name,
                                                    route=route.name, when=when))
                         for m in members for d in route.to]
+                if row.kind == "file":
+                    _fits_with_signals(plan[0][2], route)
                 marker = None
                 if row.kind == "batch":
                     mrel = safe_relpath(f"{row.rel}/{src.ready.directory_marker}")
@@ -386,6 +388,11 @@ class Engine:
     settings_once = False
 
     async def _members(self, row: FileRow, src: SourceRule) -> list[Member] | None:
+        if row.kind == "batch" and row.state == "delivered":
+            # Every destination has it; only the post-action is left, and it may have
+            # removed members already (a crash mid-way): the journal says what they were.
+            planned = {d.member for d in self.journal.deliveries(row.id)}
+            return [Member(rel, None) for rel in sorted(planned)]
         if row.kind == "file":
             declared = (Declared(row.declared_algo, row.declared_digest, row.signal or "")
                         if row.declared_algo and row.declared_digest else None)
@@ -478,11 +485,28 @@ class Engine:
             self._wake.set()
 
 
+def _fits_with_signals(target: str, route: Route) -> None:
+    """Refuse up front a payload whose downstream signal name cannot exist: placing the
+    payload and then failing on its signal would leave it without a signal forever."""
+    suffixes = [""]
+    if route.signal in ("sha256", "both"):
+        suffixes.append(".sha256")
+    if route.signal in ("marker", "both"):
+        suffixes.append(route.marker_suffix)
+    name = os.fsencode(target.rpartition("/")[2])
+    for suffix in suffixes:
+        if len(name) + len(suffix.encode()) > NAME_MAX:
+            raise UnsafePathError(f"{target}{suffix} is longer than {NAME_MAX} bytes, the "
+                                  "longest name a filesystem takes")
+
+
 def _apply_then(root: Path, paths: list[str], then: str) -> None:
     """keep | delete | archive:DIR — applied to the payload and its signal files."""
     archive = Path(then.split(":", 1)[1]) if then.startswith("archive:") else None
     for rel in paths:
         p = root / rel
+        if through_symlink(root, rel) is not None:
+            raise OSError(f"refusing to touch {rel}: reached through a symlinked folder")
         if not os.path.lexists(p):
             continue
         if archive is None:

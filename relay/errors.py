@@ -24,6 +24,7 @@ __all__ = [
     "RetryableError",
     "RuleProblem",
     "RulesError",
+    "SourceChanged",
     "SourceVanished",
     "TransferError",
     "UnsafePathError",
@@ -79,6 +80,10 @@ class DigestMismatch(RetryableError):
 
 class SourceVanished(RetryableError):
     """The source payload is gone (or not readable) while we were about to send it."""
+
+
+class SourceChanged(RetryableError):
+    """The source changed while it was being copied: what was staged is thrown away."""
 
 
 class PermanentError(TransferError):

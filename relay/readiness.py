@@ -16,6 +16,7 @@ The parsers and :func:`decide` are pure; :func:`gather` does the small reads.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -164,6 +165,7 @@ class Evidence:
     size: int | None = None
     fingerprint: str = ""
     notes: list[str] = field(default_factory=list)
+    stale: bool = False  # waiting only because the marker predates the payload's change
 
 
 def _read_small(path: Path, stats: list[str] | None = None) -> str:
@@ -186,6 +188,21 @@ def _stat(path: Path) -> os.stat_result | None:
         return os.stat(path, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            return None  # e.g. the sidecar name of a 250-byte payload: it cannot exist
+        raise
+
+
+def through_symlink(root: Path, rel: str) -> str | None:
+    """The first folder on the way from ``root`` to ``rel`` that is a symlink, if any.
+    Following one could leave the landing zone (and then: delete would delete there)."""
+    parts = rel.split("/")[:-1]
+    for i in range(len(parts)):
+        sub = "/".join(parts[: i + 1])
+        if os.path.islink(root / sub):
+            return sub
+    return None
 
 
 def _fp(st: os.stat_result | None) -> str:
@@ -246,7 +263,7 @@ def decide(
             # cannot vouch for these bytes. Only a rewrite of the marker can.
             return Evidence(rel, "waiting",
                             f"payload changed after marker {sig}; waiting for a new marker",
-                            signal=sig, notes=notes)
+                            signal=sig, notes=notes, stale=True)
         return Evidence(rel, "ready", f"marker {sig}" + (" with digest" if declared else ""),
                         signal=sig, declared=declared, size=payload.st_size, notes=notes)
     if payload is None:
@@ -258,6 +275,10 @@ def decide(
 def gather(root: Path, rel: str, ready: ReadyRule,
            marker_stale: bool | None = None) -> Evidence:
     """Read the payload's stat and its signal files under ``root``, then :func:`decide`."""
+    link = through_symlink(root, rel) if "/" in rel else None
+    if link is not None:
+        return Evidence(rel, "invalid", f"reached through symlinked folder {link}; "
+                        "never followed", fingerprint=f"link:{link}")
     pst = _stat(root / rel)
     sidecars: list[tuple[str, str, str | Exception]] = []
     fps = [_fp(pst)]
@@ -287,6 +308,10 @@ def gather(root: Path, rel: str, ready: ReadyRule,
             fps.append(_fp(mst))
             markers.append((sig, mst, MalformedSignal(str(exc))))
     ev = decide(rel, pst, sidecars, markers, marker_stale)
+    if ev.stale:
+        # Same files, different verdict once the marker's own events arrive: the
+        # fingerprint must differ, or the later (ready) evidence looks like no change.
+        fps.append("stale")
     ev.fingerprint = "|".join(fps)
     return ev
 
@@ -330,6 +355,11 @@ def gather_batch(root: Path, directory: str, ready: ReadyRule, ignored: object) 
                 member = safe_relpath(prefix + safe_relpath(name))
             except UnsafePathError as exc:
                 return BatchEvidence(directory, "invalid", f"manifest {manifest_rel}: {exc}")
+            link = through_symlink(root, member)
+            if link is not None:
+                return BatchEvidence(directory, "invalid", f"manifest {manifest_rel}: member "
+                                     f"{member} is reached through symlinked folder {link}; "
+                                     "never followed")
             st = _stat(root / member)
             if st is None:
                 return BatchEvidence(directory, "waiting", f"member {member} not present yet")

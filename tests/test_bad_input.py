@@ -11,7 +11,7 @@ import os
 import sqlite3
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
@@ -773,3 +773,76 @@ def test_inotify_overflow_is_caught_up_by_the_rescan(tmp_path: Path) -> None:
     assert db.execute("SELECT COUNT(*) FROM history").fetchone()[0] == BURST
     for i in range(0, BURST, 97):
         assert (out / f"d{i % 10}/f{i}.csv").read_bytes() == f"row {i}\n".encode()
+
+# -- names too long, symlinked folders, read-only destinations (fixed bugs C, D, E) --
+
+def _zone(tmp_path: Path, **route: object) -> tuple[Path, Path, Path]:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
+                        route=dict(route) or None)
+    return src, out, rules
+
+
+def test_255_byte_names(tmp_path: Path) -> None:
+    """A 255-byte batch member is delivered (temporaries use a short name); a name too
+    long for its downstream sidecar is refused up front with a clear reason and never
+    left at the destination without its signal."""
+    src, out, rules = _zone(tmp_path)
+    member = "m" * 255
+    (src / "b").mkdir()
+    (src / "b" / member).write_bytes(b"longest")
+    (src / "b" / "_SUCCESS").write_text("")
+    long_single = "s" * 248  # its source sidecar fits (255), the downstream one does too...
+    drop(src, long_single, b"fits")
+    longer = "t" * 250  # ...but this one's downstream 'X.sha256' cannot exist
+    (src / longer).write_bytes(b"too long for a sidecar")
+    (src / "b2").mkdir()
+    (src / "b2" / longer).write_bytes(b"x")
+    (src / "b2" / "_SUCCESS").write_text("")
+    md5_only = "u" * 249  # 'X.md5' fits at the source, 'X.sha256' cannot downstream
+    (src / md5_only).write_bytes(b"md5")
+    (src / f"{md5_only}.md5").write_text("1bc29b36f623ba82aaf6724fd3b16718")
+    res = run_once(tmp_path, rules, RELAY_RETRY_MAX_ATTEMPTS="3", RELAY_RETRY_BASE="0.01",
+                   RELAY_RETRY_CAP="0.02")
+    assert (out / "b" / member).read_bytes() == b"longest", res.stdout[-3000:]
+    assert (out / long_single).read_bytes() == b"fits"
+    assert (out / f"{long_single}.sha256").exists()
+    assert (out / "b2" / longer).read_bytes() == b"x"
+    assert not (out / md5_only).exists(), "payload placed although its signal cannot exist"
+    assert journal_row(tmp_path, md5_only)[0] == "quarantined"  # type: ignore[index]
+    assert not [p for p in tree(out) if PurePosixPath(p).name.startswith(".")]
+    assert "cannot remove temporary" not in res.stdout
+
+
+def test_manifest_member_through_a_symlinked_folder_is_refused(tmp_path: Path) -> None:
+    """A batch whose manifest names 'via/secret.bin', where 'via' is a symlink out of the
+    zone, is refused (invalid, with a reason); the outside file is neither delivered nor
+    deleted."""
+    src, out, rules = _zone(tmp_path, then="delete")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.bin").write_bytes(b"secret")
+    b = src / "b"
+    b.mkdir()
+    os.symlink(outside, b / "via")
+    (b / "SHA256SUMS").write_text(f"{sha256(b'secret')}  via/secret.bin\n")
+    (b / "_SUCCESS").write_text("")
+    run_once(tmp_path, rules)
+    assert (outside / "secret.bin").exists(), "relay deleted a file outside the landing zone"
+    assert tree(out) == set(), "relay delivered a file from outside the landing zone"
+    assert journal_row(tmp_path, "b")[0] in ("waiting", "quarantined")  # type: ignore[index]
+
+
+def test_read_only_destination_error_names_the_write(tmp_path: Path) -> None:
+    """The journalled error of a read-only destination says what failed: writing the
+    temporary on a read-only filesystem — not a failed clean-up."""
+    src, ro, rules = _zone(tmp_path)
+    with tmpfs(ro, "size=1m"):
+        remount(ro, "ro")
+        drop(src, "x.csv", b"x")
+        res = run_once(tmp_path, rules, RELAY_RETRY_MAX_ATTEMPTS="1")
+        failed = events(res.stdout, "delivery_failed", "x.csv")
+        assert failed and failed[0]["error"].startswith("writing"), failed
+        assert "read-only" in failed[0]["error"]

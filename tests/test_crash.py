@@ -8,8 +8,9 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.helpers import RelayProc, run_once, sha256, wait_for, write_rules
+from tests.helpers import RelayProc, drop, run_once, sha256, wait_for, write_rules
 from tests.observer import Observer
+from tests.test_bad_input import journal_row, tree
 
 KILLS = 12
 FILES = 60
@@ -68,3 +69,61 @@ def test_sigkill_loop_exactly_once(tmp_path: Path) -> None:
     assert states == {"done": FILES}
     assert db.execute("SELECT COUNT(*) FROM history").fetchone()[0] == FILES
     assert kills == KILLS
+
+
+# -- recovery edges: a kill during a batch post-action, or after a signal (bugs L, M) --
+
+def _zone(tmp_path: Path, **route: object) -> tuple[Path, Path, Path]:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
+                        route=dict(route) or None)
+    return src, out, rules
+
+
+def test_interrupted_batch_post_action_is_finished_at_restart(tmp_path: Path) -> None:
+    """A batch journalled 'delivered' whose sources were partly or wholly deleted (a kill
+    during then: delete) ends 'done' at the next start with its remaining sources gone."""
+    src, _out, rules = _zone(tmp_path, then="delete")
+    for case in ("all", "some"):
+        b = src / case
+        b.mkdir()
+        members = {"part-0.csv": b"0", "part-1.csv": b"1"}
+        for n, data in members.items():
+            (b / n).write_bytes(data)
+        (b / "SHA256SUMS").write_text("".join(f"{sha256(d)}  {n}\n" for n, d in members.items()))
+        (b / "_SUCCESS").write_text("")
+    keep = rules / "rules.yaml"
+    keep.write_text(keep.read_text().replace("then: delete", "then: keep"))
+    assert run_once(tmp_path, rules).returncode == 0
+    keep.write_text(keep.read_text().replace("then: keep", "then: delete"))
+    db = sqlite3.connect(tmp_path / "journal.sqlite3")
+    with db:
+        db.execute("UPDATE files SET state='delivered' WHERE kind='batch'")  # the kill
+    db.close()
+    for case, gone in (("all", ["part-0.csv", "part-1.csv", "SHA256SUMS", "_SUCCESS"]),
+                       ("some", ["part-0.csv"])):
+        for n in gone:
+            (src / case / n).unlink()
+    run_once(tmp_path, rules)
+    assert journal_row(tmp_path, "all") == ("done", None)
+    assert journal_row(tmp_path, "some") == ("done", None)
+    assert tree(src) == set()
+
+
+def test_recovered_signalling_does_not_rewrite_an_identical_signal(tmp_path: Path) -> None:
+    """Recovery of a delivery journalled 'signalling' whose signal is already in place
+    (identical bytes) leaves that signal file alone."""
+    src, out, rules = _zone(tmp_path)
+    drop(src, "s.csv", b"s")
+    assert run_once(tmp_path, rules).returncode == 0
+    ino = (out / "s.csv.sha256").stat().st_ino
+    db = sqlite3.connect(tmp_path / "journal.sqlite3")
+    with db:  # as if killed right after put_signal
+        db.execute("UPDATE deliveries SET state='signalling'")
+        db.execute("UPDATE files SET state='delivering'")
+    db.close()
+    assert run_once(tmp_path, rules).returncode == 0
+    assert journal_row(tmp_path, "s.csv") == ("done", None)
+    assert (out / "s.csv.sha256").stat().st_ino == ino

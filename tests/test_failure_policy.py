@@ -13,6 +13,7 @@ import yaml
 from relay.breaker import Breaker
 from relay.delivery import backoff
 from tests.helpers import RELAY, RelayProc, drop, relay_env, run_once, wait_for, write_rules
+from tests.test_bad_input import alive, events, journal_row, listed, remount, status, tmpfs
 
 
 def test_backoff_grows_and_is_capped() -> None:
@@ -117,3 +118,48 @@ def test_sighup_reloads_rules_and_rejects_invalid_edits(tmp_path: Path) -> None:
         wait_for(lambda: (b / "two.csv.sha256").exists(), 10, "old rules still working")
     finally:
         assert relay.stop() == 0
+
+
+def test_signal_write_failures_count_towards_max_attempts(tmp_path: Path) -> None:
+    """With max_attempts 2, a destination that can never take the signal file makes the
+    delivery fail after 2 attempts (journalled, listed by status)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
+                        route={"retry": {"base": "10ms", "cap": "20ms", "max_attempts": 2}})
+    with tmpfs(out, "size=1m,nr_inodes=2"):
+        relay = RelayProc(tmp_path, rules, RELAY_BREAKER_THRESHOLD="1000").start()
+        try:
+            relay.wait_started()
+            drop(src, "p.csv", b"p")
+            wait_for(lambda: events(relay.logs(), "delivery_failed", "p.csv"), 15,
+                     "delivery_failed after max attempts")
+        finally:
+            relay.stop()
+
+
+def test_a_failed_destination_never_counts_as_delivered(tmp_path: Path) -> None:
+    """Destination 'never' fails for good while 'late' is still retrying; when 'late'
+    recovers the file is 'failed' (not 'done'), listed by status, and its source kept."""
+    src, never, late = tmp_path / "in", tmp_path / "never", tmp_path / "late"
+    src.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src,
+                        dests={"never": f"file://{never}", "late": f"file://{late}"},
+                        route={"then": "delete",
+                               "retry": {"base": "50ms", "cap": "100ms", "max_attempts": 2}})
+    with tmpfs(late, "size=1m,nr_inodes=2"):  # payload fits, its signal does not
+        relay = RelayProc(tmp_path, rules, RELAY_BREAKER_THRESHOLD="100").start()
+        try:
+            relay.wait_started()
+            drop(src, "x.bin", b"x")
+            wait_for(lambda: events(relay.logs(), "delivery_failed", "x.bin"), 20,
+                     "'never' failed")
+            remount(late, "nr_inodes=16")
+            wait_for(lambda: events(relay.logs(), "file_done", "x.bin")
+                     or events(relay.logs(), "file_failed", "x.bin"), 20, "settled")
+            assert alive(relay)
+        finally:
+            relay.stop()
+        assert (src / "x.bin").exists(), "source deleted although 'never' has no copy"
+        assert journal_row(tmp_path, "x.bin")[0] == "failed"  # type: ignore[index]
+        assert "x.bin" in listed(status(tmp_path, rules), "failed")

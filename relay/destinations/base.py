@@ -17,6 +17,8 @@ translate their library's exceptions in one place.
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from relay.rules import DestinationRule
 
 __all__ = ["Destination", "Progress", "Staged", "open_destination", "temp_name"]
 
+NAME_MAX = 255  # bytes in one path component, on Linux filesystems and OpenSSH servers
 Progress = Callable[[int], None]  # called with the number of bytes acknowledged so far
 
 
@@ -46,10 +49,16 @@ def temp_name(rule: DestinationRule, target: str, suffix: str = ".tmp") -> str:
     """Deterministic temporary for ``target``: ``dir/.name.tmp``, or a flat name inside the
     staging folder. Deterministic so a restart finds (and resumes or removes) it."""
     if rule.temp == "staging":
-        flat = target.replace("%", "%25").replace("/", "%2F")
-        return f"{rule.staging_dir}/{flat}{suffix}"
-    head, _, name = target.rpartition("/")
-    return f"{head}/.{name}{suffix}" if head else f".{name}{suffix}"
+        head, name = str(rule.staging_dir), target.replace("%", "%25").replace("/", "%2F")
+        tmp = f"{name}{suffix}"
+    else:
+        head, _, name = target.rpartition("/")
+        tmp = f".{name}{suffix}"
+    if len(os.fsencode(tmp)) > NAME_MAX:
+        # '.X.tmp' of a 251..255-byte name cannot exist; a digest of the target keeps the
+        # temporary deterministic (restarts still find it) and short.
+        tmp = f".relay-{hashlib.sha256(os.fsencode(target)).hexdigest()[:32]}{suffix}"
+    return f"{head}/{tmp}" if head else tmp
 
 
 @runtime_checkable

@@ -7,6 +7,7 @@ Stream + hash into ``.X.tmp`` → fsync file → rename(2) → fsync directory. 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 from collections.abc import Iterator
@@ -15,7 +16,13 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 from relay.destinations.base import Progress, Staged, temp_name
-from relay.errors import PermanentError, RetryableError, SourceVanished, UnsafePathError
+from relay.errors import (
+    PermanentError,
+    RetryableError,
+    SourceVanished,
+    TransferError,
+    UnsafePathError,
+)
 from relay.hashing import CHUNK, HashPipe, MultiHash
 from relay.rules import DestinationRule
 
@@ -136,7 +143,10 @@ class LocalDestination:
                 finally:
                     os.close(fd_dst)
         except BaseException:
-            self._unlink(tmp_path)
+            # Best effort: when the write failed (read-only, name too long, ...) the
+            # clean-up usually fails the same way, and its error must not hide the real one.
+            with contextlib.suppress(TransferError):
+                self._unlink(tmp_path)
             raise
         finally:
             os.close(fd_src)
@@ -271,12 +281,27 @@ class LocalDestination:
             self._makedirs(self._path(target).parent)
             fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
-                os.write(fd, data)
+                self._write_all(fd, memoryview(data))
                 if self.rule.fsync:
                     os.fsync(fd)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_path)  # a full disk must not keep a half-written signal
+                raise
             finally:
                 os.close(fd)
         self._rename(tmp, target)
+
+    async def has_identical(self, target: str, data: bytes) -> bool:
+        """Is ``target`` already a regular file holding exactly ``data``?"""
+        def _same() -> bool:
+            try:
+                with open(self._path(target), "rb") as f:
+                    return f.read(len(data) + 1) == data
+            except OSError:
+                return False
+
+        return await asyncio.to_thread(_same)
 
     async def discard(self, tmp: str) -> None:
         await asyncio.to_thread(self._unlink, self._path(tmp))

@@ -1,0 +1,62 @@
+"""Empty completion markers against payloads still changing: relay must never deliver
+bytes the marker did not vouch for, and never stall a well-behaved producer."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from tests.helpers import RelayProc, drop, wait_for, write_rules
+from tests.test_bad_input import journal_row
+
+
+def _zone(tmp_path: Path, **route: object) -> tuple[Path, Path, Path]:
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
+                        route=dict(route) or None)
+    return src, out, rules
+
+
+def test_payload_truncated_during_a_marker_copy_is_not_delivered(tmp_path: Path) -> None:
+    """A payload released by an empty .done and truncated in the middle of its copy is
+    not delivered (the source changed under the copy: back to waiting)."""
+    src, out, rules = _zone(tmp_path)
+    size = 768 * 2**20
+    with open(src / "t.bin", "wb") as f:
+        f.truncate(size)
+    relay = RelayProc(tmp_path, rules).start()
+    try:
+        relay.wait_started()
+
+        def copying() -> bool:
+            try:
+                return (out / ".t.bin.tmp").stat().st_size > 64 * 2**20
+            except FileNotFoundError:
+                return False
+
+        (src / "t.bin.done").write_text("")
+        wait_for(copying, 30, "copy under way")
+        os.truncate(src / "t.bin", 1000)
+        wait_for(lambda: journal_row(tmp_path, "t.bin")[0] in  # type: ignore[index]
+                 ("waiting", "done"), 30, "settled")
+        assert not (out / "t.bin").exists(), (
+            f"delivered {(out / 't.bin').stat().st_size} bytes: a partial of the "
+            f"{size}-byte file the marker vouched for")
+    finally:
+        relay.stop()
+
+
+def test_payload_then_empty_marker_is_never_stuck(tmp_path: Path) -> None:
+    """Fifty 1 MB payloads each followed by an empty marker are all delivered."""
+    src, out, rules = _zone(tmp_path)
+    relay = RelayProc(tmp_path, rules).start()
+    try:
+        relay.wait_started()
+        for i in range(50):
+            drop(src, f"m{i}.bin", os.urandom(1_000_000), "done")
+        wait_for(lambda: all((out / f"m{i}.bin.sha256").exists() for i in range(50)), 30,
+                 "every file: stuck ones say 'waiting for a new marker'")
+    finally:
+        relay.stop()
