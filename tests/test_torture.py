@@ -277,8 +277,10 @@ def torture(tmp_path: Path, batch_then: str = "keep", strict_markers: bool = Fal
 def test_sigkill_torture_many_files_two_destinations(tmp_path: Path) -> None:
     """A few hundred files of mixed sizes, signals and arrival orders reach two
     destinations exactly once and intact while relay is SIGKILLed at random instants
-    (also during start-up), with observers that never see a partial or early signal."""
-    print(torture(tmp_path))
+    (also during start-up), with observers that never see a partial or early signal.
+    Batches are deleted from the landing zone after delivery (a kill can land in the middle
+    of that), and a downstream _SUCCESS must never be rewritten."""
+    print(torture(tmp_path, batch_then="delete", strict_markers=True))
 
 
 # -- hypothesis: parsers and names -------------------------------------------------------
