@@ -195,8 +195,10 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
     from relay.destinations.base import temp_name
 
     tmp = temp_name(dest.rule, d.target)
+    before = _identity(src_root / m.rel)
+    total = before[1] if before else None  # for progress (status, logs) until staged
     journal.update_delivery(d.id, state="staging", tmp=tmp, attempts=d.attempts + 1,
-                            next_try_at=None)
+                            next_try_at=None, size=total)
     algos = (m.declared.algo,) if m.declared else ()
     started = time.monotonic()
     last_log = [started]
@@ -219,10 +221,11 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
         if now - last_log[0] >= progress_interval:
             last_log[0] = now
             rate = acked / max(now - started, 1e-6)
+            pct = round(100 * acked / total, 1) if total else None
+            eta = round((total - acked) / rate, 1) if total and rate > 0 else None
             log.info("transfer_progress", file=m.rel, destination=dest.name, bytes=acked,
-                     rate_mb_s=round(rate / 1e6, 1))
+                     total=total, percent=pct, rate_mb_s=round(rate / 1e6, 1), eta_s=eta)
 
-    before = _identity(src_root / m.rel)
     staged = await dest.stage(src_root / m.rel, d.target, algos, d.acked, progress)
     after = _identity(src_root / m.rel)
     if m.declared is None and (before != after or (after and after[1] != staged.size)):

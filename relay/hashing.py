@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 __all__ = ["CHUNK", "HashPipe", "MultiHash", "hash_file"]
 
@@ -33,12 +33,15 @@ class MultiHash:
         return new
 
 
-def hash_file(path: str, algos: Iterable[str] = (), limit: int | None = None) -> dict[str, str]:
-    """Digests of ``path`` (its first ``limit`` bytes if given)."""
+def hash_file(path: str, algos: Iterable[str] = (), limit: int | None = None,
+              progress: Callable[[int], None] | None = None) -> dict[str, str]:
+    """Digests of ``path`` (its first ``limit`` bytes if given); ``progress(bytes so far)``
+    after every chunk."""
     mh = MultiHash(algos)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     left = limit
+    done = 0
     with open(path, "rb") as f:
         while left is None or left > 0:
             want = CHUNK if left is None else min(CHUNK, left)
@@ -46,6 +49,9 @@ def hash_file(path: str, algos: Iterable[str] = (), limit: int | None = None) ->
             if not n:
                 break
             mh.update(view[:n])
+            done += n
+            if progress is not None:
+                progress(done)
             if left is not None:
                 left -= n
     return mh.hexdigests()

@@ -11,6 +11,7 @@ from relay.config import Settings
 from relay.engine import is_ignored
 from relay.hashing import hash_file
 from relay.journal import Journal
+from relay.progressbar import ProgressBar
 from relay.readiness import classify, gather
 from relay.rules import Rules
 
@@ -43,7 +44,10 @@ def status(settings: Settings, as_json: bool = False, limit: int = 20) -> int:
                     "reason": r.reason, "since": r.waiting_since or r.updated_at,
                     "deliveries": [{"destination": d.destination, "state": d.state,
                                     "attempt": d.attempts, "next_try_at": d.next_try_at,
-                                    "acked": d.acked, "error": d.last_error} for d in ds],
+                                    "acked": d.acked, "size": d.size,
+                                    "percent": _percent(d.acked, d.size)
+                                    if d.state == "staging" else None,
+                                    "error": d.last_error} for d in ds],
                 })
             data["lists"][state] = items
     finally:
@@ -63,10 +67,17 @@ def status(settings: Settings, as_json: bool = False, limit: int = 20) -> int:
             for d in it["deliveries"]:
                 nxt = (f", next try in {max(0, d['next_try_at'] - time.time()):.0f}s"
                        if d["next_try_at"] else "")
+                moved = (f", {d['acked']:,} of {d['size']:,} bytes ({d['percent']}%)"
+                         if d["percent"] is not None else
+                         f", acked {d['acked']}" if d["acked"] else "")
                 print(f"    → {d['destination']}: {d['state']} attempt {d['attempt']}"
-                      f"{nxt}{', acked ' + str(d['acked']) if d['acked'] else ''}"
+                      f"{nxt}{moved}"
                       f"{'  ' + d['error'] if d['error'] else ''}")
     return 0
+
+
+def _percent(acked: int, size: int | None) -> float | None:
+    return round(100 * acked / size, 1) if size else None
 
 
 def _locate(rules: Rules, path: str) -> tuple[str, str] | None:
@@ -108,7 +119,13 @@ def explain(settings: Settings, rules: Rules, path: str, do_hash: bool = False) 
     if ev.declared:
         print(f"declared: {ev.declared.algo} {ev.declared.hexdigest} (from {ev.declared.signal})")
         if do_hash and (src.path / payload).is_file():
-            computed = hash_file(str(src.path / payload), (ev.declared.algo,))[ev.declared.algo]
+            full = src.path / payload
+            bar = ProgressBar(full.stat().st_size, f"hashing {payload}")
+            try:
+                computed = hash_file(str(full), (ev.declared.algo,),
+                                     progress=bar.update)[ev.declared.algo]
+            finally:
+                bar.close()
             verdict = "MATCH" if computed == ev.declared.hexdigest else "MISMATCH"
             print(f"computed: {ev.declared.algo} {computed} → {verdict}")
     for n in ev.notes:
