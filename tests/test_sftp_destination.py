@@ -438,3 +438,35 @@ def test_stalled_server_is_aborted_by_watchdog(tmp_path: Path, faulty: FaultServ
         took = asyncio.run(go())
     assert 0.9 < took < 5
     assert any(e["event"] == "sftp_connection_stalled" for e in logs)
+
+
+def test_recovery_leaves_an_identical_signal_alone(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                                   sftp_dir: Path) -> None:  # noqa: F811
+    """After a crash between writing a downstream signal (or a batch's empty _SUCCESS) and
+    journalling it, recovery finds it in place with the same bytes and does not rewrite it
+    (a rewrite is a second file for downstream watchers); other bytes are rewritten.
+    Found by the SFTP crash loop (tests/test_hostile_sftp.py)."""
+    from relay.delivery import _put_signal
+
+    dest = SftpDestination(rule_for(sshd, sftp_dir))
+    (sftp_dir / "b").mkdir()
+    (sftp_dir / "b" / "_SUCCESS").write_bytes(b"")
+    (sftp_dir / "x.sha256").write_bytes(b"abc  x\n")
+    (sftp_dir / "d.sha256").mkdir()
+
+    async def go() -> list[bool]:
+        try:
+            got = [await dest.has_identical(t, d) for t, d in (
+                ("b/_SUCCESS", b""), ("x.sha256", b"abc  x\n"), ("x.sha256", b"abd  x\n"),
+                ("x.sha256", b"abc"), ("missing", b""), ("d.sha256", b""))]
+            await _put_signal(dest, "b/_SUCCESS", b"", True)
+            await _put_signal(dest, "x.sha256", b"abc  x\n", True)
+            await _put_signal(dest, "y.sha256", b"new\n", True)
+            return got
+        finally:
+            await dest.close()
+
+    inodes = {p: (sftp_dir / p).stat().st_ino for p in ("b/_SUCCESS", "x.sha256")}
+    assert asyncio.run(go()) == [True, True, False, False, False, False]
+    assert {p: (sftp_dir / p).stat().st_ino for p in inodes} == inodes
+    assert (sftp_dir / "y.sha256").read_bytes() == b"new\n"

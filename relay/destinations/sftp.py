@@ -501,6 +501,24 @@ class SftpDestination:
                     await f.fsync()
             await self._rename(sftp, tmp, target)
 
+    async def has_identical(self, target: str, data: bytes) -> bool:
+        """Is ``target`` already a regular file holding exactly ``data``? Recovery asks
+        before rewriting a signal written just before a crash: a rewrite is a new file
+        (new inode, second rename) that would wake downstream watchers twice. A server
+        refusal means "no" (the signal is then written); a lost connection raises."""
+        path = self._path(target)
+        async with self._op(f"reading {target}") as (_, sftp):
+            try:
+                attrs = await sftp.lstat(path)
+                if attrs.type != asyncssh.FILEXFER_TYPE_REGULAR or attrs.size != len(data):
+                    return False
+                async with sftp.open(path, "rb") as f:
+                    return bool(await f.read(len(data) + 1, 0) == data)
+            except asyncssh.SFTPError as exc:
+                if _unsupported(exc):
+                    return False
+                raise
+
     async def discard(self, tmp: str) -> None:
         async with self._op(f"removing {tmp}") as (_, sftp):
             with contextlib.suppress(asyncssh.SFTPNoSuchFile):
