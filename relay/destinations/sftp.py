@@ -513,7 +513,8 @@ class SftpDestination:
                 if attrs.type != asyncssh.FILEXFER_TYPE_REGULAR or attrs.size != len(data):
                     return False
                 async with sftp.open(path, "rb") as f:
-                    return bool(await f.read(len(data) + 1, 0) == data)
+                    got: bytes | str = await f.read(len(data) + 1, 0)  # bytes in "rb"
+                return got == data
             except asyncssh.SFTPError as exc:
                 if _unsupported(exc):
                     return False
