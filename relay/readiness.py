@@ -258,7 +258,7 @@ def decide(
                 return Evidence(rel, "invalid", f"malformed digest in marker {sig}: {exc}",
                                 signal=sig)
             declared = Declared(a, h, sig)
-        elif marker_stale or (marker_stale is None and payload.st_mtime_ns > mst.st_mtime_ns):
+        elif _stale(marker_stale, payload.st_mtime_ns, mst.st_mtime_ns):
             # The payload changed after the (empty) marker was written: the marker
             # cannot vouch for these bytes. Only a rewrite of the marker can.
             return Evidence(rel, "waiting",
@@ -270,6 +270,20 @@ def decide(
         return Evidence(rel, "gone", "payload and signals are gone")
     return Evidence(rel, "waiting", "no sidecar or marker yet", size=payload.st_size,
                     notes=notes)
+
+
+def _stale(events: bool | None, payload_mtime: int, marker_mtime: int) -> bool:
+    """Does an empty marker predate the payload's last change?
+
+    Watcher events decide when they saw both files, except that a marker strictly newer
+    than the payload (mtimes only move forward) was written after the payload's last
+    change even if its own event has not arrived yet, or was lost in a queue overflow.
+    Events saying "fresh" win over mtimes: rewriting an empty marker by truncation does
+    not always bump its mtime (ext4). With no events, the mtimes decide.
+    """
+    if events is None:
+        return payload_mtime > marker_mtime
+    return events and payload_mtime >= marker_mtime
 
 
 def gather(root: Path, rel: str, ready: ReadyRule,

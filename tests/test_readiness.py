@@ -97,8 +97,15 @@ def test_marker_before_payload_does_not_vouch(tmp_path: Path) -> None:
     assert gather(tmp_path, "x", ReadyRule()).verdict == "waiting"
     os.utime(tmp_path / "x.done")  # the producer writes the marker again
     assert gather(tmp_path, "x", ReadyRule()).verdict == "ready"
-    # …unless the watcher saw the payload change after the marker: then it waits.
+    # A marker strictly newer than the payload was written after its last change, even
+    # when the watcher has not delivered the marker's own event yet (or lost it).
+    assert gather(tmp_path, "x", ReadyRule(), marker_stale=True).verdict == "ready"
+    # Same timestamp (one clock tick): the watcher's order decides.
+    st = os.stat(tmp_path / "x")
+    os.utime(tmp_path / "x.done", ns=(st.st_atime_ns, st.st_mtime_ns))
     assert gather(tmp_path, "x", ReadyRule(), marker_stale=True).verdict == "waiting"
+    assert gather(tmp_path, "x", ReadyRule(), marker_stale=False).verdict == "ready"
+    assert gather(tmp_path, "x", ReadyRule()).verdict == "ready"  # no events: a tie vouches
 
 
 def test_sidecar_without_payload_waits(tmp_path: Path) -> None:
