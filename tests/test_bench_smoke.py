@@ -18,3 +18,14 @@ def test_bench_local_quick_runs_and_reports() -> None:
     assert data["large"]["mb_s"]["relay"] > 0
     assert data["small_full"]["files"] == 50 and data["small_full"]["files_per_s"] > 0
     assert data["latency"]["samples"] == 10 and data["latency"]["p50_ms"] > 0
+
+
+def test_bench_scale_quick_runs_and_reports() -> None:
+    """bench_scale.py --quick delivers its backlog and reports times and peak RSS."""
+    res = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_scale.py"), "--quick",
+                          "--no-save"], capture_output=True, text=True, timeout=300, check=True)
+    data = json.loads(res.stdout[res.stdout.index("\n{") + 1:])
+    b = data["backlog"]
+    assert b["files"] == 300
+    assert 0 < b["first_delivery_s"] <= b["last_delivery_s"]
+    assert b["peak_rss_mib"] > 10 and data["big"]["peak_rss_mib"] > 10
