@@ -470,3 +470,23 @@ def test_recovery_leaves_an_identical_signal_alone(tmp_path: Path, sshd: Sshd,  
     assert asyncio.run(go()) == [True, True, False, False, False, False]
     assert {p: (sftp_dir / p).stat().st_ino for p in inodes} == inodes
     assert (sftp_dir / "y.sha256").read_bytes() == b"new\n"
+
+
+def test_probe_cut_short_is_cleaned_up_by_the_next_one(sshd: Sshd,  # noqa: F811
+                                                       sftp_dir: Path) -> None:  # noqa: F811
+    """A probe interrupted by a crash (or a lost connection) leaves its scratch files; they
+    have names fixed per destination, so the next start's probe removes them. Found by
+    the SFTP crash loop: random names stayed in the partner's folder for ever."""
+    async def probe_once() -> None:
+        dest = SftpDestination(rule_for(sshd, sftp_dir))
+        try:
+            await dest.start()
+        finally:
+            await dest.close()
+
+    asyncio.run(probe_once())
+    tag = SftpDestination(rule_for(sshd, sftp_dir))._probe_tag
+    for x in "abcl":  # what a probe killed at its worst moment leaves behind
+        (sftp_dir / f".relay-probe-{tag}.{x}").write_bytes(b"0123456789")
+    asyncio.run(probe_once())
+    assert [p.name for p in sftp_dir.iterdir()] == []

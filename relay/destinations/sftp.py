@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import getpass
+import hashlib
 import os
 import posixpath
 import time
@@ -182,6 +183,11 @@ class SftpDestination:
         self._slots = asyncio.Semaphore(limit)
         self._channels = min(limit, MAX_CHANNELS)
         self._stall = max(rule.login_timeout, 2 * rule.keepalive_interval)
+        # Stable across restarts, so a probe interrupted by a crash is cleaned up by the
+        # next one (relay deliberately assumes one relay per destination, as temporaries
+        # are deterministic too).
+        self._probe_tag = hashlib.sha256(
+            f"{self.name} {self.user} {self.root}".encode()).hexdigest()[:8]
 
     # -- connection --------------------------------------------------------------------
 
@@ -254,7 +260,7 @@ class SftpDestination:
                 if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
                     raise PermanentError(f"destination root {self.root} is not a directory")
                 if not self.capabilities:
-                    caps = await probe(sftp, self.root, _unsupported)
+                    caps = await probe(sftp, self.root, _unsupported, self._probe_tag)
                     caps.update(write_limit=sftp.limits.max_write_len,
                                 read_limit=sftp.limits.max_read_len,
                                 sftp_version=sftp.version, channels=len(s.channels),

@@ -19,7 +19,6 @@ Keys of the returned dict (all booleans unless stated):
 from __future__ import annotations
 
 import contextlib
-import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -45,16 +44,20 @@ async def _put(sftp: Any, path: str, data: bytes) -> None:
         await f.write(data, 0)
 
 
-async def probe(sftp: Any, root: str,
-                unsupported: Callable[[BaseException], bool]) -> dict[str, object]:
+async def probe(sftp: Any, root: str, unsupported: Callable[[BaseException], bool],
+                tag: str = "0") -> dict[str, object]:
     """Try each ability in ``root`` (an asyncssh SFTPClient ``sftp``) and report it.
 
     ``unsupported(exc)`` tells a refusal by the server (an SFTP status) from a failure of
     the connection, which propagates. Leaves nothing behind when it can still reach the
-    server."""
-    base = f"{root.rstrip('/') or ''}/.relay-probe-{secrets.token_hex(4)}"
+    server. The scratch names depend only on ``tag`` (one per destination), not on
+    chance: a probe cut short by a crash or a lost connection leaves its files behind,
+    and the next probe of that destination removes them first."""
+    base = f"{root.rstrip('/') or ''}/.relay-probe-{tag}"
     a, b, c, link = (f"{base}.{x}" for x in "abcl")
     caps: dict[str, object] = {}
+    for p in (a, b, c, link):
+        await _works(sftp.remove(p), unsupported)  # "no such file" is the usual answer
     try:
         async with sftp.open(a, "wb") as f:
             await f.write(_DATA, 0)
