@@ -104,25 +104,27 @@ class Producer:
     sidecar and the first part of the payload (finished in a later step: the A→B→C race
     relay must not fall for), or completes a batch folder (members, manifest, _SUCCESS)."""
 
-    def __init__(self, root: Path, rng: random.Random) -> None:
+    def __init__(self, root: Path, rng: random.Random, files: int = FILES,
+                 batches: int = BATCHES, sizes: list[int] = SIZES,
+                 weights: list[int] = WEIGHTS) -> None:
         self.root = root
         self.rng = rng
         self.files: dict[str, bytes] = {}
         self.batches: dict[str, list[str]] = {}
         self.todo: list[tuple[str, object]] = []
         self.unfinished: list[tuple[str, bytes]] = []
-        for i in range(FILES):
-            size = rng.choices(SIZES, WEIGHTS)[0]
+        for i in range(files):
+            size = rng.choices(sizes, weights)[0]
             rel = f"d{i % 7}/{'' if i % 3 else 'sub/'}f{i}{rng.choice(['.csv', '.bin', ''])}"
             data = rng.randbytes(size)
             self.files[rel] = data
             self.todo.append(("file", rel))
-        for b in range(BATCHES):
+        for b in range(batches):
             d = f"batch{b}"
             members = []
             for m in range(rng.randint(1, 6)):
                 rel = f"{d}/part-{m}.csv"
-                self.files[rel] = rng.randbytes(rng.choices(SIZES[:6], WEIGHTS[:6])[0])
+                self.files[rel] = rng.randbytes(rng.choices(sizes[:6], weights[:6])[0])
                 members.append(rel)
             manifest = "".join(f"{sha256(self.files[m])}  {PurePosixPath(m).name}\n"
                                for m in members)
