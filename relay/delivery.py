@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -54,8 +55,9 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 
 def signal_body(target: str, sha256: str) -> bytes:
-    """GNU coreutils form, so ``sha256sum -c`` and relay itself both accept it."""
-    return f"{sha256}  {PurePosixPath(target).name}\n".encode()
+    """GNU coreutils form, so ``sha256sum -c`` and relay itself both accept it. The name
+    is written as the filesystem's bytes (os.fsencode), even when they are not UTF-8."""
+    return os.fsencode(f"{sha256}  {PurePosixPath(target).name}\n")
 
 
 async def deliver_to(

@@ -175,10 +175,10 @@ def _read_small(path: Path, stats: list[str] | None = None) -> str:
             stats.append(_fp(os.fstat(f.fileno())))
     if len(data) > MAX_SIGNAL_BYTES:
         raise MalformedSignal(f"larger than {MAX_SIGNAL_BYTES} bytes; not a checksum file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise MalformedSignal("not UTF-8 text") from None
+    # Decoded the way the watcher decodes file names (os.fsdecode: surrogateescape), so a
+    # name that is not UTF-8 compares equal to the payload's own name. Bytes that are not
+    # text at all are refused later, as a digest that is not hexadecimal.
+    return os.fsdecode(data)
 
 
 def _stat(path: Path) -> os.stat_result | None:

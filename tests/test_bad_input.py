@@ -355,6 +355,37 @@ def test_coreutils_sidecars_for_names_with_spaces_and_dashes(
     assert (out / name).read_bytes() == b"dash"
 
 
+def test_non_utf8_name_gets_a_journal_row_and_is_delivered(
+        tmp_path: Path, zone: tuple[Path, Path, Path]) -> None:
+    """A payload whose name is not UTF-8 (b'caf\\xe9.csv') is journalled and delivered
+    under the same bytes, with a bare-hex or a coreutils sidecar; `relay status` and
+    `relay explain` show it."""
+    src, out, rules = zone
+    for stem, sidecar in ((b"caf\xe9", lambda h, n: h.encode()),
+                          (b"na\xefve", lambda h, n: h.encode() + b"  " + n + b"\n")):
+        name = stem + b".csv"
+        full = os.fsencode(src) + b"/" + name
+        with open(full, "wb") as f:
+            f.write(b"latin-1 name")
+        with open(full + b".sha256", "wb") as f:
+            f.write(sidecar(sha256(b"latin-1 name"), name))
+    res = run_once(tmp_path, rules)
+    assert not events(res.stdout, "evaluation_failed"), res.stdout[-2000:]
+    assert res.returncode == 0
+    for stem in (b"caf\xe9", b"na\xefve"):
+        with open(os.fsencode(out) + b"/" + stem + b".csv", "rb") as f:
+            assert f.read() == b"latin-1 name"
+        with open(os.fsencode(out) + b"/" + stem + b".csv.sha256", "rb") as f:
+            assert f.read() == sha256(b"latin-1 name").encode() + b"  " + stem + b".csv\n"
+        assert journal_row(tmp_path, os.fsdecode(stem + b".csv")) == ("done", None)
+    assert status(tmp_path, rules)["files"] == {"done": 2}
+    for args in (["status"], ["explain", os.fsdecode(os.fsencode(src) + b"/caf\xe9.csv")]):
+        shown = subprocess.run([*RELAY, *args], env=relay_env(tmp_path, rules),
+                               capture_output=True, check=True, timeout=60)
+        assert b"Traceback" not in shown.stderr, shown.stderr
+    assert b"journal:  done" in shown.stdout and b"caf\xe9.csv" in shown.stdout, shown.stdout
+
+
 def test_longest_names_that_fit_are_delivered(tmp_path: Path) -> None:
     """A 248-byte name (whose sidecar name is exactly 255 bytes) and a 250-byte batch
     member (whose hidden temporary is exactly 255 bytes) are delivered. Longer names:
