@@ -341,18 +341,26 @@ def test_awkward_names_are_delivered_byte_for_byte(
         assert journal_row(tmp_path, n) == ("done", None), n
 
 
-@pytest.mark.parametrize("name", ["-rf x y.csv", "a  b.csv", "in space .csv", "--.csv"])
+@pytest.mark.parametrize("name", ["-rf x y.csv", "a  b.csv", "in space .csv", "--.csv",
+                                  " lead.csv", "trail.csv ", "*star.csv", "line\nbreak.csv",
+                                  "back\\slash.csv", "cr\r.csv"])
+@pytest.mark.parametrize("tag", [False, True])
 def test_coreutils_sidecars_for_names_with_spaces_and_dashes(
-        tmp_path: Path, zone: tuple[Path, Path, Path], name: str) -> None:
-    """`sha256sum` run by the producer on names with inner spaces or leading dashes
-    yields a sidecar relay accepts."""
+        tmp_path: Path, zone: tuple[Path, Path, Path], name: str, tag: bool) -> None:
+    """`sha256sum` (or `sha256sum --tag`) run by the producer on names with spaces
+    anywhere, a leading '*' or dash, or a newline, backslash or CR (the escaped form) yields
+    a sidecar relay accepts; relay's downstream sidecar passes `sha256sum -c`."""
     src, out, rules = zone
     (src / name).write_bytes(b"dash")
     with open(src / f"{name}.sha256", "wb") as sidecar:
-        subprocess.run(["sha256sum", "--", name], cwd=src, check=True, stdout=sidecar)
+        subprocess.run(["sha256sum", *(["--tag"] if tag else []), "--", name], cwd=src,
+                       check=True, stdout=sidecar)
     res = run_once(tmp_path, rules)
     assert res.returncode == 0
-    assert (out / name).read_bytes() == b"dash"
+    assert (out / name).read_bytes() == b"dash", res.stdout[-2000:]
+    check = subprocess.run(["sha256sum", "-c", "--", f"{name}.sha256"], cwd=out,
+                           capture_output=True)
+    assert check.returncode == 0, check
 
 
 def test_non_utf8_name_gets_a_journal_row_and_is_delivered(
