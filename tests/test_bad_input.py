@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -780,7 +781,7 @@ BURST = 2500
 
 def test_inotify_overflow_is_caught_up_by_the_rescan(tmp_path: Path) -> None:
     """With the kernel's inotify queue lowered to 16 events while relay starts, a burst of
-    2500 files (5000 names) overflows it; the periodic rescan still delivers every file
+    2500 files (5000 names) overflows it; the rescans still deliver every file
     exactly once and the daemon keeps running."""
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -812,3 +813,33 @@ def test_inotify_overflow_is_caught_up_by_the_rescan(tmp_path: Path) -> None:
     assert db.execute("SELECT COUNT(*) FROM history").fetchone()[0] == BURST
     for i in range(0, BURST, 97):
         assert (out / f"d{i % 10}/f{i}.csv").read_bytes() == f"row {i}\n".encode()
+
+
+def test_inotify_overflow_is_a_json_event_and_triggers_a_rescan(
+        tmp_path: Path, zone: tuple[Path, Path, Path]) -> None:
+    """After an overflow relay logs a JSON event naming it and rescans at once: a burst is
+    delivered well before the (default, 60 s) periodic rescan."""
+    src, out, rules = zone
+    relay = RelayProc(tmp_path, rules, RELAY_RESCAN_INTERVAL="60", RELAY_CONCURRENCY="16")
+    old = QUEUE.read_text()
+    QUEUE.write_text("16")
+    try:
+        relay.start()
+        relay.wait_started()
+        started = time.monotonic()
+    finally:
+        QUEUE.write_text(old)
+    try:
+        for i in range(1500):
+            drop(src, f"f{i}.csv", b"x")
+        wait_for(lambda: events(relay.logs(), "watch_overflow"), 20, "watch_overflow")
+        assert all(line.startswith("{") for line in relay.logs().splitlines()), \
+            "non-JSON lines in the log"
+        assert events(relay.logs(), "watch_overflow")[0]["source"] == "in"
+        # Before the first periodic rescan (60 s after the start) could have done it.
+        wait_for(lambda: sum(1 for _ in out.glob("*.sha256")) == 1500,
+                 55 - (time.monotonic() - started), "caught up")
+        assert alive(relay)
+    finally:
+        assert relay.stop() == 0
+    assert all(line.startswith("{") for line in relay.logs().splitlines())
