@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import sys
 import time
@@ -75,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "schema":
         print(json.dumps(rules_json_schema(), indent=2))
         return 0
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # File names that are not UTF-8 are surrogate-escaped strs: print them as the
+        # bytes they are (what Python does in the POSIX locale) instead of crashing
+        # `status`, `explain` or the console log renderer.
+        sys.stdout.reconfigure(errors="surrogateescape")
     configure(settings.log_level, settings.log_format)
     try:
         if args.command == "check":

@@ -29,6 +29,36 @@ class Daemon:
 
     def __init__(self, engine: Engine) -> None:
         self.e = engine
+        self._lost: dict[str, int] = {}  # overflows no rescan has answered yet, per source
+        self._catching_up: set[str] = set()
+
+    def _overflowed(self, source: str) -> None:
+        """The watcher of ``source`` lost events (inotify queue overflow): rescan it now
+        rather than at the next periodic rescan."""
+        self._lost[source] = self._lost.get(source, 0) + 1
+        if source not in self._catching_up and not self.e.stopping.is_set():
+            self._catching_up.add(source)
+            self.e._spawn(self._catch_up(source))
+
+    async def _catch_up(self, source: str) -> None:
+        """Rescan ``source``, and again while overflows keep coming: a scan that started
+        before an overflow may have passed the paths whose events it lost. One pass at a
+        time, each after the evaluator has worked through what the previous one found, so
+        a producer that keeps overflowing the queue cannot keep relay rescanning instead
+        of delivering (and the log gets one line per pass, not one per overflow)."""
+        try:
+            while self._lost.get(source) and not self.e.stopping.is_set():
+                overflows = self._lost.pop(source)
+                log.warning("watch_overflow", source=source, overflows=overflows,
+                            note="filesystem events were lost; rescanning the source")
+                src = next((s for s in self.e.rules.sources if s.name == source), None)
+                if src is None:  # removed by a reload meanwhile
+                    return
+                await self.e._scan(src)
+                while (self.e.dirty or self.e._evaluating) and not self.e.stopping.is_set():
+                    await asyncio.sleep(0.05)
+        finally:
+            self._catching_up.discard(source)
 
     async def _periodic(self) -> None:
         interval = self.e.settings.rescan_interval
@@ -81,7 +111,7 @@ class Daemon:
                 w.stop()
             self.e.watchers = []
             for src in rules.sources:
-                w = SourceWatcher(src, loop, self.e.hint)
+                w = SourceWatcher(src, loop, self.e.hint, self._overflowed)
                 w.start()
                 self.e.watchers.append(w)
         for src in rules.sources:
@@ -117,7 +147,7 @@ class Daemon:
         await self.e.recover()
         if not once:
             for src in self.e.rules.sources:
-                w = SourceWatcher(src, loop, self.e.hint)
+                w = SourceWatcher(src, loop, self.e.hint, self._overflowed)
                 w.start()
                 self.e.watchers.append(w)
         for src in self.e.rules.sources:

@@ -61,8 +61,14 @@ def backoff(attempt: int, base: float, cap: float) -> float:
 
 
 def signal_body(target: str, sha256: str) -> bytes:
-    """GNU coreutils form, so ``sha256sum -c`` and relay itself both accept it."""
-    return f"{sha256}  {PurePosixPath(target).name}\n".encode()
+    """GNU coreutils form, so ``sha256sum -c`` and relay itself both accept it: for a name
+    with a backslash, newline or CR, coreutils' escaped form (``\\<hex>  a\\nb``), as
+    ``sha256sum`` itself writes it. The name is written as the filesystem's bytes
+    (os.fsencode), even when they are not UTF-8."""
+    name = PurePosixPath(target).name
+    escaped = name.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    line = f"{sha256}  {name}" if escaped == name else f"\\{sha256}  {escaped}"
+    return os.fsencode(line + "\n")
 
 
 async def deliver_to(

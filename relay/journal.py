@@ -15,13 +15,19 @@ Per destination, table ``deliveries`` (one row per payload member and destinatio
 
 ``history`` holds every (route, destination, member, sha256) ever delivered: the
 idempotency key. Sending the same content to the same place again is a no-op.
+
+File names are whatever bytes the filesystem holds. A name that is not UTF-8 reaches us as
+a surrogate-escaped str (``os.fsdecode``), which SQLite cannot store as TEXT; such values
+are stored as the original bytes (BLOB) and read back with ``os.fsdecode``. Every other
+value stays TEXT, so databases written before this are read unchanged.
 """
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,13 +135,50 @@ class Delivery:
     updated_at: float
 
 
+def _to_sql(value: object) -> object:
+    """A str SQLite cannot hold as TEXT (lone surrogates: a name that is not UTF-8) is
+    stored as its filesystem bytes. The choice depends only on the value, so a name is
+    always stored, and looked up, in the same form."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return os.fsencode(value)
+    return value
+
+
+def _from_row(row: sqlite3.Row) -> dict[str, Any]:
+    """A journal row as a dict; the bytes of a non-UTF-8 name back to the str we use.
+    (No column holds binary data of its own: every bytes value is such a name.)"""
+    return {k: os.fsdecode(v) if isinstance(v, bytes) else v for k, v in dict(row).items()}
+
+
+def _adapt(parameters: Any) -> Any:
+    if isinstance(parameters, Mapping):
+        return {k: _to_sql(v) for k, v in parameters.items()}
+    return tuple(_to_sql(v) for v in parameters)
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that adapts every parameter with :func:`_to_sql`. Local to the
+    journal (a process-wide ``sqlite3.register_adapter(str, ...)`` would change every
+    other SQLite user in the process)."""
+
+    def execute(self, sql: str, parameters: Any = (), /) -> sqlite3.Cursor:
+        return super().execute(sql, _adapt(parameters))
+
+    def executemany(self, sql: str, seq: Any, /) -> sqlite3.Cursor:
+        return super().executemany(sql, [_adapt(p) for p in seq])
+
+
 class Journal:
     """SQLite-backed state machine. Not thread-safe: use it from the event loop only."""
 
     def __init__(self, path: Path, sync: str = "full") -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False,
+                                  factory=_Connection)
         self.db.row_factory = sqlite3.Row
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute(f"PRAGMA synchronous={'FULL' if sync == 'full' else 'NORMAL'}")
@@ -162,11 +205,11 @@ class Journal:
     def get_file(self, source: str, rel: str, kind: str = "file") -> FileRow | None:
         row = self.db.execute("SELECT * FROM files WHERE source=? AND rel=? AND kind=?",
                               (source, rel, kind)).fetchone()
-        return FileRow(**dict(row)) if row else None
+        return FileRow(**_from_row(row)) if row else None
 
     def file_by_id(self, file_id: int) -> FileRow | None:
         row = self.db.execute("SELECT * FROM files WHERE id=?", (file_id,)).fetchone()
-        return FileRow(**dict(row)) if row else None
+        return FileRow(**_from_row(row)) if row else None
 
     def files(self, *states: str) -> list[FileRow]:
         if states:
@@ -175,7 +218,7 @@ class Journal:
                                    states)
         else:
             rows = self.db.execute("SELECT * FROM files ORDER BY id")
-        return [FileRow(**dict(r)) for r in rows]
+        return [FileRow(**_from_row(r)) for r in rows]
 
     def upsert_file(self, source: str, rel: str, kind: str, **fields: Any) -> FileRow:
         """Insert or update a file row; ``fields`` are column values. Returns the row."""
@@ -239,7 +282,7 @@ class Journal:
         if states:
             q += f" AND state IN ({','.join('?' * len(states))})"
             args.extend(states)
-        return [Delivery(**dict(r)) for r in self.db.execute(q + " ORDER BY id", args)]
+        return [Delivery(**_from_row(r)) for r in self.db.execute(q + " ORDER BY id", args)]
 
     def update_delivery(self, delivery_id: int, **fields: Any) -> None:
         fields["updated_at"] = time.time()

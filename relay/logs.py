@@ -35,6 +35,27 @@ def configure(level: str = "info", fmt: str = "auto") -> None:
         logger_factory=structlog.WriteLoggerFactory(file=sys.stdout),
         cache_logger_on_first_use=False,
     )
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if isinstance(h, _LibraryRecords)]:
+        root.removeHandler(old)  # configured again (in-process tests): one handler only
+    root.addHandler(_LibraryRecords())
+    # Warnings and up, as Python showed before: libraries are chatty at info and below.
+    root.setLevel(max(logging.WARNING, _LEVELS[level]))
+
+
+class _LibraryRecords(logging.Handler):
+    """Libraries (watchdog, asyncssh) log through the standard library. Without a handler
+    Python prints their warnings to stderr as plain text, which breaks "one JSON object
+    per line"; here each record becomes a ``library_logged`` event instead."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        # structlog knows the standard levels only; a library's own (e.g. 25) rounds down.
+        level = min(max(record.levelno // 10 * 10, logging.DEBUG), logging.CRITICAL)
+        try:
+            get_logger().log(level, "library_logged", logger=record.name,
+                             message=record.getMessage(), exc_info=record.exc_info or False)
+        except Exception:
+            self.handleError(record)
 
 
 def get_logger() -> Any:

@@ -10,6 +10,7 @@ import json
 import os
 import sqlite3
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
@@ -341,18 +342,57 @@ def test_awkward_names_are_delivered_byte_for_byte(
         assert journal_row(tmp_path, n) == ("done", None), n
 
 
-@pytest.mark.parametrize("name", ["-rf x y.csv", "a  b.csv", "in space .csv", "--.csv"])
+@pytest.mark.parametrize("name", ["-rf x y.csv", "a  b.csv", "in space .csv", "--.csv",
+                                  " lead.csv", "trail.csv ", "*star.csv", "line\nbreak.csv",
+                                  "back\\slash.csv", "cr\r.csv"])
+@pytest.mark.parametrize("tag", [False, True])
 def test_coreutils_sidecars_for_names_with_spaces_and_dashes(
-        tmp_path: Path, zone: tuple[Path, Path, Path], name: str) -> None:
-    """`sha256sum` run by the producer on names with inner spaces or leading dashes
-    yields a sidecar relay accepts."""
+        tmp_path: Path, zone: tuple[Path, Path, Path], name: str, tag: bool) -> None:
+    """`sha256sum` (or `sha256sum --tag`) run by the producer on names with spaces
+    anywhere, a leading '*' or dash, or a newline, backslash or CR (the escaped form) yields
+    a sidecar relay accepts; relay's downstream sidecar passes `sha256sum -c`."""
     src, out, rules = zone
     (src / name).write_bytes(b"dash")
     with open(src / f"{name}.sha256", "wb") as sidecar:
-        subprocess.run(["sha256sum", "--", name], cwd=src, check=True, stdout=sidecar)
+        subprocess.run(["sha256sum", *(["--tag"] if tag else []), "--", name], cwd=src,
+                       check=True, stdout=sidecar)
     res = run_once(tmp_path, rules)
     assert res.returncode == 0
-    assert (out / name).read_bytes() == b"dash"
+    assert (out / name).read_bytes() == b"dash", res.stdout[-2000:]
+    check = subprocess.run(["sha256sum", "-c", "--", f"{name}.sha256"], cwd=out,
+                           capture_output=True)
+    assert check.returncode == 0, check
+
+
+def test_non_utf8_name_gets_a_journal_row_and_is_delivered(
+        tmp_path: Path, zone: tuple[Path, Path, Path]) -> None:
+    """A payload whose name is not UTF-8 (b'caf\\xe9.csv') is journalled and delivered
+    under the same bytes, with a bare-hex or a coreutils sidecar; `relay status` and
+    `relay explain` show it."""
+    src, out, rules = zone
+    for stem, sidecar in ((b"caf\xe9", lambda h, n: h.encode()),
+                          (b"na\xefve", lambda h, n: h.encode() + b"  " + n + b"\n")):
+        name = stem + b".csv"
+        full = os.fsencode(src) + b"/" + name
+        with open(full, "wb") as f:
+            f.write(b"latin-1 name")
+        with open(full + b".sha256", "wb") as f:
+            f.write(sidecar(sha256(b"latin-1 name"), name))
+    res = run_once(tmp_path, rules)
+    assert not events(res.stdout, "evaluation_failed"), res.stdout[-2000:]
+    assert res.returncode == 0
+    for stem in (b"caf\xe9", b"na\xefve"):
+        with open(os.fsencode(out) + b"/" + stem + b".csv", "rb") as f:
+            assert f.read() == b"latin-1 name"
+        with open(os.fsencode(out) + b"/" + stem + b".csv.sha256", "rb") as f:
+            assert f.read() == sha256(b"latin-1 name").encode() + b"  " + stem + b".csv\n"
+        assert journal_row(tmp_path, os.fsdecode(stem + b".csv")) == ("done", None)
+    assert status(tmp_path, rules)["files"] == {"done": 2}
+    for args in (["status"], ["explain", os.fsdecode(os.fsencode(src) + b"/caf\xe9.csv")]):
+        shown = subprocess.run([*RELAY, *args], env=relay_env(tmp_path, rules),
+                               capture_output=True, check=True, timeout=60)
+        assert b"Traceback" not in shown.stderr, shown.stderr
+    assert b"journal:  done" in shown.stdout and b"caf\xe9.csv" in shown.stdout, shown.stdout
 
 
 def test_longest_names_that_fit_are_delivered(tmp_path: Path) -> None:
@@ -741,7 +781,7 @@ BURST = 2500
 
 def test_inotify_overflow_is_caught_up_by_the_rescan(tmp_path: Path) -> None:
     """With the kernel's inotify queue lowered to 16 events while relay starts, a burst of
-    2500 files (5000 names) overflows it; the periodic rescan still delivers every file
+    2500 files (5000 names) overflows it; the rescans still deliver every file
     exactly once and the daemon keeps running."""
     src, out = tmp_path / "in", tmp_path / "out"
     src.mkdir()
@@ -775,6 +815,36 @@ def test_inotify_overflow_is_caught_up_by_the_rescan(tmp_path: Path) -> None:
     assert db.execute("SELECT COUNT(*) FROM history").fetchone()[0] == BURST
     for i in range(0, BURST, 97):
         assert (out / f"d{i % 10}/f{i}.csv").read_bytes() == f"row {i}\n".encode()
+
+
+def test_inotify_overflow_is_a_json_event_and_triggers_a_rescan(
+        tmp_path: Path, zone: tuple[Path, Path, Path]) -> None:
+    """After an overflow relay logs a JSON event naming it and rescans at once: a burst is
+    delivered well before the (default, 60 s) periodic rescan."""
+    src, out, rules = zone
+    relay = RelayProc(tmp_path, rules, RELAY_RESCAN_INTERVAL="60", RELAY_CONCURRENCY="16")
+    old = str(max(int(QUEUE.read_text()), 16384))  # see the test above
+    QUEUE.write_text("16")
+    try:
+        relay.start()
+        relay.wait_started()
+        started = time.monotonic()
+    finally:
+        QUEUE.write_text(old)
+    try:
+        for i in range(1500):
+            drop(src, f"f{i}.csv", b"x")
+        wait_for(lambda: events(relay.logs(), "watch_overflow"), 20, "watch_overflow")
+        assert all(line.startswith("{") for line in relay.logs().splitlines()), \
+            "non-JSON lines in the log"
+        assert events(relay.logs(), "watch_overflow")[0]["source"] == "in"
+        # Before the first periodic rescan (60 s after the start) could have done it.
+        wait_for(lambda: sum(1 for _ in out.glob("*.sha256")) == 1500,
+                 55 - (time.monotonic() - started), "caught up")
+        assert alive(relay)
+    finally:
+        assert relay.stop() == 0
+    assert all(line.startswith("{") for line in relay.logs().splitlines())
 
 # -- names too long, symlinked folders, read-only destinations (fixed bugs C, D, E) --
 
