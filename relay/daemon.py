@@ -36,6 +36,7 @@ class Daemon:
         """The watcher of ``source`` lost events (inotify queue overflow): rescan it now
         rather than at the next periodic rescan."""
         self._lost[source] = self._lost.get(source, 0) + 1
+        self.e.forget_event_order(source)
         if source not in self._catching_up and not self.e.stopping.is_set():
             self._catching_up.add(source)
             self.e._spawn(self._catch_up(source))

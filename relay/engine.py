@@ -122,6 +122,13 @@ class Engine:
             return None
         return (p or -1) > (m or -1)
 
+    def forget_event_order(self, source: str) -> None:
+        """Events of ``source`` were lost: the order we saw is incomplete (a marker's own
+        event may be among the lost ones), so judge its markers by mtimes again."""
+        for seqs in (self.payload_seq, self.marker_seq):
+            for key in [k for k in seqs if k[0] == source]:
+                del seqs[key]
+
     async def _scan(self, src: SourceRule, below: str = "") -> None:
         try:
             rels = await asyncio.to_thread(lambda: list(scan(src.path, src.recursive, below)))
