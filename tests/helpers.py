@@ -117,3 +117,14 @@ class RelayProc:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+
+def one_route_zone(tmp_path: Path, **route: Any) -> tuple[Path, Path, Path]:
+    """``in`` → one local destination ``out`` with one route (options in ``route``);
+    returns (landing zone, destination, rules directory)."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
+                        route=dict(route) or None)
+    return src, out, rules

@@ -22,6 +22,7 @@ from tests.helpers import (
     RELAY,
     RelayProc,
     drop,
+    one_route_zone,
     relay_env,
     run_once,
     sha256,
@@ -848,20 +849,12 @@ def test_inotify_overflow_is_a_json_event_and_triggers_a_rescan(
 
 # -- names too long, symlinked folders, read-only destinations (fixed bugs C, D, E) --
 
-def _zone(tmp_path: Path, **route: object) -> tuple[Path, Path, Path]:
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
-                        route=dict(route) or None)
-    return src, out, rules
-
 
 def test_255_byte_names(tmp_path: Path) -> None:
     """A 255-byte batch member is delivered (temporaries use a short name); a name too
     long for its downstream sidecar is refused up front with a clear reason and never
     left at the destination without its signal."""
-    src, out, rules = _zone(tmp_path)
+    src, out, rules = one_route_zone(tmp_path)
     member = "m" * 255
     (src / "b").mkdir()
     (src / "b" / member).write_bytes(b"longest")
@@ -892,7 +885,7 @@ def test_manifest_member_through_a_symlinked_folder_is_refused(tmp_path: Path) -
     """A batch whose manifest names 'via/secret.bin', where 'via' is a symlink out of the
     zone, is refused (invalid, with a reason); the outside file is neither delivered nor
     deleted."""
-    src, out, rules = _zone(tmp_path, then="delete")
+    src, out, rules = one_route_zone(tmp_path, then="delete")
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret.bin").write_bytes(b"secret")
@@ -910,7 +903,7 @@ def test_manifest_member_through_a_symlinked_folder_is_refused(tmp_path: Path) -
 def test_read_only_destination_error_names_the_write(tmp_path: Path) -> None:
     """The journalled error of a read-only destination says what failed: writing the
     temporary on a read-only filesystem — not a failed clean-up."""
-    src, ro, rules = _zone(tmp_path)
+    src, ro, rules = one_route_zone(tmp_path)
     with tmpfs(ro, "size=1m"):
         remount(ro, "ro")
         drop(src, "x.csv", b"x")

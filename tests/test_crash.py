@@ -8,7 +8,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.helpers import RelayProc, drop, run_once, sha256, wait_for, write_rules
+from tests.helpers import RelayProc, drop, one_route_zone, run_once, sha256, wait_for, write_rules
 from tests.observer import Observer
 from tests.test_bad_input import journal_row, tree
 
@@ -73,19 +73,11 @@ def test_sigkill_loop_exactly_once(tmp_path: Path) -> None:
 
 # -- recovery edges: a kill during a batch post-action, or after a signal (bugs L, M) --
 
-def _zone(tmp_path: Path, **route: object) -> tuple[Path, Path, Path]:
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
-                        route=dict(route) or None)
-    return src, out, rules
-
 
 def test_interrupted_batch_post_action_is_finished_at_restart(tmp_path: Path) -> None:
     """A batch journalled 'delivered' whose sources were partly or wholly deleted (a kill
     during then: delete) ends 'done' at the next start with its remaining sources gone."""
-    src, _out, rules = _zone(tmp_path, then="delete")
+    src, _out, rules = one_route_zone(tmp_path, then="delete")
     for case in ("all", "some"):
         b = src / case
         b.mkdir()
@@ -115,7 +107,7 @@ def test_interrupted_batch_post_action_is_finished_at_restart(tmp_path: Path) ->
 def test_recovered_signalling_does_not_rewrite_an_identical_signal(tmp_path: Path) -> None:
     """Recovery of a delivery journalled 'signalling' whose signal is already in place
     (identical bytes) leaves that signal file alone."""
-    src, out, rules = _zone(tmp_path)
+    src, out, rules = one_route_zone(tmp_path)
     drop(src, "s.csv", b"s")
     assert run_once(tmp_path, rules).returncode == 0
     ino = (out / "s.csv.sha256").stat().st_ino

@@ -6,23 +6,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.helpers import RelayProc, drop, wait_for, write_rules
+from tests.helpers import RelayProc, drop, one_route_zone, wait_for
 from tests.test_bad_input import journal_row
-
-
-def _zone(tmp_path: Path, **route: object) -> tuple[Path, Path, Path]:
-    src, out = tmp_path / "in", tmp_path / "out"
-    src.mkdir()
-    out.mkdir()
-    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
-                        route=dict(route) or None)
-    return src, out, rules
 
 
 def test_payload_truncated_during_a_marker_copy_is_not_delivered(tmp_path: Path) -> None:
     """A payload released by an empty .done and truncated in the middle of its copy is
     not delivered (the source changed under the copy: back to waiting)."""
-    src, out, rules = _zone(tmp_path)
+    src, out, rules = one_route_zone(tmp_path)
     size = 768 * 2**20
     with open(src / "t.bin", "wb") as f:
         f.truncate(size)
@@ -50,7 +41,7 @@ def test_payload_truncated_during_a_marker_copy_is_not_delivered(tmp_path: Path)
 
 def test_payload_then_empty_marker_is_never_stuck(tmp_path: Path) -> None:
     """Fifty 1 MB payloads each followed by an empty marker are all delivered."""
-    src, out, rules = _zone(tmp_path)
+    src, out, rules = one_route_zone(tmp_path)
     relay = RelayProc(tmp_path, rules).start()
     try:
         relay.wait_started()
