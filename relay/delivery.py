@@ -91,6 +91,7 @@ async def deliver_to(
                 staged.append((d, st))
         journal.mark_renaming([(d.id, st.digests["sha256"], st.size) for d, st in staged])
         staged = []
+        await journal.durable()  # 'renaming' must survive anything once we rename
         # 2. rename every staged member onto its final name
         for d in journal.deliveries(row.id):
             if d.destination != dest.name or d.state != "renaming":
@@ -202,6 +203,7 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
             log.info("transfer_progress", file=m.rel, destination=dest.name, bytes=acked,
                      rate_mb_s=round(rate / 1e6, 1))
 
+    await journal.durable()  # 'staging' (the temporary to sweep, the attempt) comes first
     staged = await dest.stage(src_root / m.rel, d.target, algos, d.acked, progress)
     if staged.fallbacks:
         METRICS.resume_fallbacks.labels(dest.name).inc(staged.fallbacks)

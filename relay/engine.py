@@ -426,6 +426,7 @@ class Engine:
                 paths.append(prefix + src.ready.manifest)
             paths.append(prefix + str(src.ready.directory_marker))  # the marker goes last
         if route.then != "keep":
+            await self.journal.durable()  # 'delivered' (and history) before the source goes
             try:
                 await asyncio.to_thread(_apply_then, src.path, paths, route.then)
             except OSError as exc:
