@@ -408,6 +408,11 @@ class Engine:
 
     async def _post_action(self, row: FileRow, src: SourceRule, route: Route,
                            members: list[Member]) -> None:
+        if route.then == "keep":
+            # Nothing is done to the source, so there is nothing to re-check first (the
+            # evidence read below only decides whether deleting/archiving is safe).
+            self._finish(row, route)
+            return
         if row.kind == "file":
             ev = await asyncio.to_thread(gather, src.path, row.rel, src.ready, False)
             if ev.fingerprint != row.fingerprint and route.then != "keep" \
