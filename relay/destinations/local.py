@@ -81,12 +81,25 @@ class LocalDestination:
 
     def _path(self, rel: str) -> Path:
         """Join ``rel`` under the root, refusing to pass through symlinks that leave it."""
-        full = self.root / rel
+        return self._paths(rel)[0]
+
+    def _paths(self, *rels: str) -> list[Path]:
+        """:meth:`_path` for several names at once. realpath costs an lstat per component
+        (and holds the GIL in between), so the root and each distinct folder are resolved
+        once per call; a temporary and its final name usually share their folder."""
         real_root = os.path.realpath(self.root)
-        real_parent = os.path.realpath(full.parent)
-        if os.path.commonpath([real_root, real_parent]) != real_root:
-            raise PermanentError(str(UnsafePathError(f"{rel} resolves outside {self.root}")))
-        return full
+        checked: set[Path] = set()
+        out = []
+        for rel in rels:
+            full = self.root / rel
+            if full.parent not in checked:
+                real_parent = os.path.realpath(full.parent)
+                if os.path.commonpath([real_root, real_parent]) != real_root:
+                    raise PermanentError(str(UnsafePathError(
+                        f"{rel} resolves outside {self.root}")))
+                checked.add(full.parent)
+            out.append(full)
+        return out
 
     def _makedirs(self, d: Path) -> None:
         """Create folders below the root. The root itself is never created: a missing
@@ -115,11 +128,12 @@ class LocalDestination:
     def _stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
                progress: Progress) -> Staged:
         tmp = temp_name(self.rule, target)
-        tmp_path = self._path(tmp)
+        tmp_path, target_path = self._paths(tmp, target)
         fallbacks = 0
         with _translate(f"staging {target}"):
             self._makedirs(tmp_path.parent)
-            self._makedirs(self._path(target).parent)
+            if target_path.parent != tmp_path.parent:
+                self._makedirs(target_path.parent)
             if acked and tmp_path.exists():
                 # A local partial is cheap to rewrite; never trust or append to it.
                 fallbacks = 1
@@ -243,7 +257,10 @@ class LocalDestination:
         await asyncio.to_thread(self._rename, staged.tmp, staged.target)
 
     def _rename(self, tmp: str, target: str) -> None:
-        src, dst = self._path(tmp), self._path(target)
+        src, dst = self._paths(tmp, target)
+        self._rename_paths(src, dst, target)
+
+    def _rename_paths(self, src: Path, dst: Path, target: str) -> None:
         with _translate(f"renaming onto {target}"):
             os.rename(src, dst)
             if self.rule.fsync:
@@ -253,10 +270,11 @@ class LocalDestination:
 
     async def finish_commit(self, target: str, tmp: str) -> bool:
         def _finish() -> bool:
-            if self._path(tmp).exists():
-                self._rename(tmp, target)
+            tmp_path, target_path = self._paths(tmp, target)
+            if tmp_path.exists():
+                self._rename_paths(tmp_path, target_path, target)
                 return True
-            return self._path(target).exists()
+            return target_path.exists()
 
         return await asyncio.to_thread(_finish)
 
@@ -265,10 +283,11 @@ class LocalDestination:
 
     def _put_small(self, target: str, data: bytes) -> None:
         tmp = temp_name(self.rule, target)
-        tmp_path = self._path(tmp)
+        tmp_path, target_path = self._paths(tmp, target)
         with _translate(f"writing signal {target}"):
             self._makedirs(tmp_path.parent)
-            self._makedirs(self._path(target).parent)
+            if target_path.parent != tmp_path.parent:
+                self._makedirs(target_path.parent)
             fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             try:
                 os.write(fd, data)
@@ -276,7 +295,7 @@ class LocalDestination:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-        self._rename(tmp, target)
+        self._rename_paths(tmp_path, target_path, target)
 
     async def discard(self, tmp: str) -> None:
         await asyncio.to_thread(self._unlink, self._path(tmp))
