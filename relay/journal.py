@@ -452,7 +452,7 @@ class Journal:
         if not staged:
             return
         now = time.time()
-        with self.tx() as db:
+        with self.tx(atomic=len(staged) > 1) as db:  # one row: one statement, atomic
             db.executemany("UPDATE deliveries SET state='renaming', sha256=?, size=?, acked=?, "
                            "updated_at=? WHERE id=?",
                            [(sha, size, size, now, i) for i, sha, size in staged])
