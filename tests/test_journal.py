@@ -141,3 +141,43 @@ def test_a_failing_method_rolls_back_only_itself(tmp_path: Path) -> None:
         ("a", "seen", "kept")]
     db.close()
     j.close()
+
+
+class _FailingCommit:
+    """A connection whose COMMIT fails (disk I/O error), everything else passes."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._db.execute(sql, *args)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+def test_a_failed_group_commit_fails_its_waiter(tmp_path: Path) -> None:
+    """A COMMIT that fails (disk I/O error) rolls the group back and fails whoever waits
+    for it: the side effect that waited does not happen, and nothing half-written stays."""
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path, "normal", window=60.0)
+
+    async def go() -> None:
+        row = j.upsert_file("in", "a", "file", state="seen")
+        await j.durable()
+        j.update_file(row.id, state="ready")
+        real = j.db
+        j.db = _FailingCommit(real)  # type: ignore[assignment]
+        with pytest.raises(sqlite3.OperationalError):
+            await j.durable()
+        j.db = real
+        assert _states(path) == {"a": "seen"}
+        assert j.get_file("in", "a").state == "seen"  # type: ignore[union-attr]
+        j.update_file(row.id, state="waiting")  # the next write opens a new group
+        await j.durable()
+        assert _states(path) == {"a": "waiting"}
+
+    asyncio.run(go())
+    j.close()
