@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -126,12 +127,18 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
         (d / f"f{i}.dat").write_bytes(data)
         (d / f"f{i}.dat.sha256").write_text(hashlib.sha256(data).hexdigest())
     runs: list[float] = []
+    cpu: list[float] = []
     for i in range(repeat):
         out, root = work / f"small-out-{sync}-{i}", work / f"sr-{sync}-{i}"
         out.mkdir()
         root.mkdir()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         secs = _relay_once(root, _rules(root, src, out), RELAY_JOURNAL_SYNC=sync,
                            RELAY_CONCURRENCY="8")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU time of relay per file: unlike files/s, barely moved by a busy machine.
+        cpu.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+                   / count * 1e6)
         delivered = sum(1 for _ in out.rglob("*.dat"))
         assert delivered == count, (delivered, count)
         runs.append(secs)
@@ -140,6 +147,7 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
     return {"files": count, "journal_sync": sync, "seconds": round(secs, 3),
             "files_per_s": round(count / secs, 1),
             "runs_files_per_s": [round(count / r, 1) for r in runs],
+            "cpu_us_per_file": round(statistics.median(cpu)),
             "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -242,7 +250,7 @@ def main() -> int:
         if isinstance(s, dict):
             label = f"{s['files']} x 4 KiB + sidecar, journal {s['journal_sync']}"
             print(f"{label:<44} {s['files_per_s']:>9} files/s  (runs: "
-                  f"{s['runs_files_per_s']})")
+                  f"{s['runs_files_per_s']}, {s['cpu_us_per_file']} µs CPU/file)")
     la = result.get("latency")
     if isinstance(la, dict):
         print(f"{'signal latency p50 / p99':<44} {la['p50_ms']:>6} / {la['p99_ms']} ms")
