@@ -6,6 +6,8 @@ latency (sidecar written → downstream sidecar visible) for files arriving one 
 
     python bench/bench_local.py            # 1 GiB, 1,000 small files, 200 latency samples
     python bench/bench_local.py --quick    # seconds-long smoke run (used by the tests)
+    python bench/bench_local.py --only small,latency --small 10000 --repeat 3
+                                           # the issue's small-file target, medians of 3
 
 Prints a table and JSON; writes bench/results/local-<date>.json unless --no-save.
 """
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -112,22 +115,40 @@ def large(work: Path, size: int, runs: int) -> dict[str, object]:
             "ratio_relay_vs_cp_sync": round(med["relay"] / med["cp+sync"], 3)}
 
 
-def small(work: Path, count: int, sync: str) -> dict[str, object]:
-    src, out, root = work / f"small-{sync}", work / f"small-out-{sync}", work / f"sr-{sync}"
-    for p in (src, out, root):
-        p.mkdir()
+def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, object]:
+    """Median of ``repeat`` runs, each on a fresh journal and destination (the machine may
+    be shared: one run alone says little)."""
+    src = work / f"small-{sync}"
+    src.mkdir()
     for i in range(count):
         data = os.urandom(4096)
         d = src / f"d{i % 10}"
         d.mkdir(exist_ok=True)
         (d / f"f{i}.dat").write_bytes(data)
         (d / f"f{i}.dat.sha256").write_text(hashlib.sha256(data).hexdigest())
-    secs = _relay_once(root, _rules(root, src, out), RELAY_JOURNAL_SYNC=sync,
-                       RELAY_CONCURRENCY="8")
-    delivered = sum(1 for _ in out.rglob("*.dat"))
-    assert delivered == count, (delivered, count)
+    runs: list[float] = []
+    cpu: list[float] = []
+    for i in range(repeat):
+        out, root = work / f"small-out-{sync}-{i}", work / f"sr-{sync}-{i}"
+        out.mkdir()
+        root.mkdir()
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        secs = _relay_once(root, _rules(root, src, out), RELAY_JOURNAL_SYNC=sync,
+                           RELAY_CONCURRENCY="8")
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        # CPU time of relay per file: unlike files/s, barely moved by a busy machine.
+        cpu.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+                   / count * 1e6)
+        delivered = sum(1 for _ in out.rglob("*.dat"))
+        assert delivered == count, (delivered, count)
+        runs.append(secs)
+        shutil.rmtree(out)
+    secs = statistics.median(runs)
     return {"files": count, "journal_sync": sync, "seconds": round(secs, 3),
-            "files_per_s": round(count / secs, 1)}
+            "files_per_s": round(count / secs, 1),
+            "runs_files_per_s": [round(count / r, 1) for r in runs],
+            "cpu_us_per_file": round(statistics.median(cpu)),
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()]}
 
 
 def latency(work: Path, samples: int) -> dict[str, object]:
@@ -187,43 +208,56 @@ def main() -> int:
     ap.add_argument("--small", type=int, default=1000)
     ap.add_argument("--latency", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="small-file runs per journal mode (the median is reported)")
+    ap.add_argument("--only", default="large,small,latency",
+                    help="comma-separated scenarios to run: large, small, latency")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where to create files (default: a temp dir on the same disk as /var/tmp)")
     a = ap.parse_args()
     if a.quick:
         a.size_mib, a.small, a.latency, a.runs = 8, 50, 10, 1
+    only = set(a.only.split(","))
     base = a.workdir or Path("/var/tmp")
     with tempfile.TemporaryDirectory(prefix="relay-bench-", dir=base) as tmp:
         work = Path(tmp)
-        result = {
+        result: dict[str, object] = {
             "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             "machine": machine(),
-            "large": large(work, a.size_mib << 20, a.runs),
-            "small_full": small(work, a.small, "full"),
-            "small_normal": small(work, a.small, "normal"),
-            "latency": latency(work, a.latency),
+            "loadavg_before": [round(x, 2) for x in os.getloadavg()],
         }
-    lg = result["large"]
-    assert isinstance(lg, dict)
+        if "large" in only:
+            result["large"] = large(work, a.size_mib << 20, a.runs)
+        if "small" in only:
+            result["small_full"] = small(work, a.small, "full", a.repeat)
+            result["small_normal"] = small(work, a.small, "normal", a.repeat)
+        if "latency" in only:
+            result["latency"] = latency(work, a.latency)
+        result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     print(f"\nmachine: {result['machine']}")
     print(f"{'scenario':<44} {'result':>14}")
-    for k, v in lg["median_s"].items():
-        print(f"{'large ' + str(a.size_mib) + ' MiB: ' + k:<44} {v:>9.3f} s  "
-              f"({lg['mb_s'][k]} MB/s)")
-    ratio = lg["ratio_relay_vs_openssl_cp_sync"]
-    print(f"{'  relay / (openssl dgst + cp + sync)':<44} {ratio:>11}x")
-    print(f"{'  relay / (cp + sync)':<44} {lg['ratio_relay_vs_cp_sync']:>11}x")
+    lg = result.get("large")
+    if isinstance(lg, dict):
+        for k, v in lg["median_s"].items():
+            print(f"{'large ' + str(a.size_mib) + ' MiB: ' + k:<44} {v:>9.3f} s  "
+                  f"({lg['mb_s'][k]} MB/s)")
+        ratio = lg["ratio_relay_vs_openssl_cp_sync"]
+        print(f"{'  relay / (openssl dgst + cp + sync)':<44} {ratio:>11}x")
+        print(f"{'  relay / (cp + sync)':<44} {lg['ratio_relay_vs_cp_sync']:>11}x")
     for key in ("small_full", "small_normal"):
-        s = result[key]
-        assert isinstance(s, dict)
-        label = f"{s['files']} x 4 KiB + sidecar, journal {s['journal_sync']}"
-        print(f"{label:<44} {s['files_per_s']:>9} files/s")
-    la = result["latency"]
-    assert isinstance(la, dict)
-    print(f"{'signal latency p50 / p99':<44} {la['p50_ms']:>6} / {la['p99_ms']} ms")
+        s = result.get(key)
+        if isinstance(s, dict):
+            label = f"{s['files']} x 4 KiB + sidecar, journal {s['journal_sync']}"
+            print(f"{label:<44} {s['files_per_s']:>9} files/s  (runs: "
+                  f"{s['runs_files_per_s']}, {s['cpu_us_per_file']} µs CPU/file)")
+    la = result.get("latency")
+    if isinstance(la, dict):
+        print(f"{'signal latency p50 / p99':<44} {la['p50_ms']:>6} / {la['p99_ms']} ms")
+    print(f"load average before / after: {result['loadavg_before']} / "
+          f"{result['loadavg_after']}")
     print(json.dumps(result, indent=2))
-    if not a.no_save and not a.quick:
+    if not a.no_save and not a.quick and only == {"large", "small", "latency"}:
         out = HERE / "results" / f"local-{dt.date.today().isoformat()}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"saved {out}")

@@ -94,7 +94,9 @@ async def deliver_to(
     todo = [d for d in rows if d.state != "delivered"]
     if not todo:
         return Outcome("delivered")
-    resumed = {d.id for d in todo if d.state == "signalling"}
+    # Rows already past staging when we start: a retry, or recovery after a crash. Their
+    # signals may be in place already ('signalling' is not flushed before they are written).
+    resumed = {d.id for d in todo if d.state in ("renaming", "signalling")}
     for d in todo:
         if d.state in ("renaming", "signalling"):
             # Resuming after the bytes were staged (a retry or a restart) is an attempt
@@ -116,6 +118,7 @@ async def deliver_to(
                 staged.append((d, st))
         journal.mark_renaming([(d.id, st.digests["sha256"], st.size) for d, st in staged])
         staged = []
+        await journal.durable()  # 'renaming' must survive anything once we rename
         # 2. rename every staged member onto its final name
         for d in journal.deliveries(row.id):
             if d.destination != dest.name or d.state != "renaming":
@@ -232,6 +235,7 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
             log.info("transfer_progress", file=m.rel, destination=dest.name, bytes=acked,
                      total=total, percent=pct, rate_mb_s=round(rate / 1e6, 1), eta_s=eta)
 
+    await journal.durable()  # 'staging' (the temporary to sweep, the attempt) comes first
     staged = await dest.stage(src_root / m.rel, d.target, algos, d.acked, progress)
     after = _identity(src_root / m.rel)
     if m.declared is None and (before != after or (after and after[1] != staged.size)):

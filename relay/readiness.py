@@ -210,11 +210,15 @@ class Evidence:
 
 def _read_small(path: Path, stats: list[str] | None = None) -> str:
     """Read a signal file (at most MAX_SIGNAL_BYTES). Its fingerprint, appended to
-    ``stats``, is taken *after* reading, so it describes the bytes we actually read."""
+    ``stats``, is taken *before* reading: it may then be older than the bytes we read
+    (harmless: the next look sees a new fingerprint and decides again), never newer.
+    Taken after, a write landing between the read and the fstat (a sidecar read empty
+    just after its creation, then written) was recorded as already judged, and the file
+    waited forever as "malformed sidecar: empty"."""
     with open(path, "rb") as f:
-        data = f.read(MAX_SIGNAL_BYTES + 1)
         if stats is not None:
             stats.append(_fp(os.fstat(f.fileno())))
+        data = f.read(MAX_SIGNAL_BYTES + 1)
     if len(data) > MAX_SIGNAL_BYTES:
         raise MalformedSignal(f"larger than {MAX_SIGNAL_BYTES} bytes; not a checksum file")
     # Decoded the way the watcher decodes file names (os.fsdecode: surrogateescape), so a

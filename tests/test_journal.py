@@ -1,11 +1,190 @@
-"""The journal stores file names losslessly, whatever their bytes."""
+"""The journal: group commit (what another process can see, when, and what a failure
+does), and file names stored losslessly whatever their bytes."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from pathlib import Path
 
+import pytest
+
 from relay.journal import Journal
+
+
+def _states(path: Path) -> dict[str, str]:
+    """The files table as another process sees it (committed rows only)."""
+    db = sqlite3.connect(path)
+    try:
+        return dict(db.execute("SELECT rel, state FROM files").fetchall())
+    finally:
+        db.close()
+
+
+def test_on_the_loop_writes_are_committed_by_durable(tmp_path: Path) -> None:
+    """Inside the event loop a transition joins the open group transaction: it is not
+    committed until durable() (or the group window) commits it, and then it is."""
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path, "full", window=60.0)  # only durable() may commit here
+
+    async def go() -> None:
+        j.upsert_file("in", "a", "file", state="seen")
+        assert j.get_file("in", "a") is not None  # the loop sees its own writes
+        assert _states(path) == {}
+        await j.durable()
+        assert _states(path) == {"a": "seen"}
+        await j.durable()  # nothing pending: returns at once
+
+    asyncio.run(go())
+    j.close()
+
+
+def test_group_window_commits_without_a_waiter(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path, "normal", window=0.01)
+
+    async def go() -> None:
+        j.upsert_file("in", "a", "file", state="seen")
+        await asyncio.sleep(0.1)
+        assert _states(path) == {"a": "seen"}
+
+    asyncio.run(go())
+    j.close()
+
+
+def test_outside_a_loop_every_write_commits_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path, "full")
+    row = j.upsert_file("in", "a", "file", state="seen")
+    j.update_file(row.id, state="waiting")
+    assert _states(path) == {"a": "waiting"}
+    j.close()
+
+
+def test_close_commits_what_the_loop_left_open(tmp_path: Path) -> None:
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path, "full", window=60.0)
+
+    async def go() -> None:
+        j.upsert_file("in", "a", "file", state="seen")
+
+    asyncio.run(go())
+    assert _states(path) == {}
+    j.close()
+    assert _states(path) == {"a": "seen"}
+
+
+def test_concurrent_waiters_share_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Twenty coroutines that each write and wait share a handful of WAL fsyncs, and
+    none returns before an fsync that started after its write."""
+    j = Journal(tmp_path / "j.sqlite3", "full")
+    syncs: list[int] = []
+    real = j._sync_wal
+
+    def counting() -> None:
+        syncs.append(j._committed)
+        real()
+
+    monkeypatch.setattr(j, "_sync_wal", counting)
+
+    async def one(i: int) -> None:
+        j.upsert_file("in", f"f{i}", "file", state="seen")
+        await j.durable()
+        assert j._synced >= 1 and syncs  # an fsync covered our commit
+
+    async def go() -> None:
+        await asyncio.gather(*(one(i) for i in range(20)))
+
+    asyncio.run(go())
+    assert 1 <= len(syncs) <= 3
+    assert len(_states(tmp_path / "j.sqlite3")) == 20
+    j.close()
+
+
+def test_a_failed_fsync_fails_the_waiters(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A side effect must not go ahead when its transition is not known to be durable."""
+    j = Journal(tmp_path / "j.sqlite3", "full")
+
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(j, "_sync_wal", broken)
+
+    async def go() -> None:
+        j.upsert_file("in", "a", "file", state="seen")
+        with pytest.raises(OSError):
+            await j.durable()
+
+    asyncio.run(go())
+    monkeypatch.undo()
+    j.close()
+
+
+def test_a_failing_method_rolls_back_only_itself(tmp_path: Path) -> None:
+    """Each method is atomic inside the group transaction: one that fails midway leaves
+    neither half behind, and the other transitions of the group still commit."""
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path, "normal", window=60.0)
+
+    async def go() -> None:
+        row = j.upsert_file("in", "a", "file", state="seen")
+        # the second statement violates NOT NULL after the first one ran
+        with pytest.raises(sqlite3.IntegrityError), j.tx() as db:
+            db.execute("UPDATE files SET state='ready' WHERE id=?", (row.id,))
+            db.execute("INSERT INTO files(source, rel, kind, state, first_seen, "
+                       "updated_at) VALUES ('in', 'b', 'file', NULL, 0, 0)")
+        j.update_file(row.id, reason="kept")
+        await j.durable()
+
+    asyncio.run(go())
+    db = sqlite3.connect(path)
+    assert db.execute("SELECT rel, state, reason FROM files").fetchall() == [
+        ("a", "seen", "kept")]
+    db.close()
+    j.close()
+
+
+class _FailingCommit:
+    """A connection whose COMMIT fails (disk I/O error), everything else passes."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def execute(self, sql: str, *args: object) -> sqlite3.Cursor:
+        if sql == "COMMIT":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._db.execute(sql, *args)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._db, name)
+
+
+def test_a_failed_group_commit_fails_its_waiter(tmp_path: Path) -> None:
+    """A COMMIT that fails (disk I/O error) rolls the group back and fails whoever waits
+    for it: the side effect that waited does not happen, and nothing half-written stays."""
+    path = tmp_path / "j.sqlite3"
+    j = Journal(path, "normal", window=60.0)
+
+    async def go() -> None:
+        row = j.upsert_file("in", "a", "file", state="seen")
+        await j.durable()
+        j.update_file(row.id, state="ready")
+        real = j.db
+        j.db = _FailingCommit(real)  # type: ignore[assignment]
+        with pytest.raises(sqlite3.OperationalError):
+            await j.durable()
+        j.db = real
+        assert _states(path) == {"a": "seen"}
+        assert j.get_file("in", "a").state == "seen"  # type: ignore[union-attr]
+        j.update_file(row.id, state="waiting")  # the next write opens a new group
+        await j.durable()
+        assert _states(path) == {"a": "waiting"}
+
+    asyncio.run(go())
+    j.close()
+
+
+# -- names that are not UTF-8 ----------------------------------------------------------
 
 NOT_UTF8 = b"caf\xe9.csv".decode("utf-8", "surrogateescape")  # what os.fsdecode gives
 

@@ -57,6 +57,27 @@ def test_symlink_escape_in_destination_refused(tmp_path: Path) -> None:
     assert list((tmp_path / "elsewhere").iterdir()) == []
 
 
+@pytest.mark.parametrize("via_link", [False, True])
+def test_folder_check_agrees_with_realpath(tmp_path: Path, via_link: bool) -> None:
+    """The lstat walk that checks a destination folder gives the same answer as comparing
+    realpaths, for links inside and outside the root, '..', files in the way, missing
+    folders, and a root that is itself reached through a symlink."""
+    root = tmp_path / "out"
+    (root / "a" / "b").mkdir(parents=True)
+    (tmp_path / "elsewhere").mkdir()
+    (root / "in_link").symlink_to(root / "a")
+    (root / "out_link").symlink_to(tmp_path / "elsewhere")
+    (root / "a" / "up").symlink_to(tmp_path)
+    (root / "file").write_text("x")
+    (tmp_path / "root_link").symlink_to(root)
+    url_root = tmp_path / "root_link" if via_link else root
+    dest = LocalDestination(DestinationRule(name="o", url=f"file://{url_root}"))
+    for rel in ["x", "a/x", "a/b/x", "in_link/x", "out_link/x", "a/up/x", "a/up/out/x",
+                "new/dir/x", "file/x", "a/../x", "a/../../x", "in_link/../x"]:
+        folder = (dest.root / rel).parent
+        assert dest._inside(folder) == dest._inside_slow(folder), rel
+
+
 def test_missing_root_is_retryable_not_created(tmp_path: Path) -> None:
     """A missing destination root (unmounted volume) is an error, never silently created."""
     (tmp_path / "src").write_bytes(b"x")

@@ -218,3 +218,50 @@ def test_relays_own_sidecar_is_read_back_by_relay_and_by_sha256sum(name: str,
         (Path(d) / name).write_bytes(data)
         (Path(d) / "SUMS").write_bytes(body)
         assert subprocess.run(["sha256sum", "-c", "--status", "SUMS"], cwd=d).returncode == 0
+
+
+def test_a_sidecar_written_while_it_is_read_is_looked_at_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sidecar read empty just after its creation, then written before the fingerprint
+    is taken, must not be recorded as judged: the fingerprint of what we read differs from
+    the one of the written file, so the next event makes relay decide again."""
+    import builtins
+
+    import relay.readiness as readiness
+
+    data = b"x" * 100
+    (tmp_path / "p").write_bytes(data)
+    sidecar = tmp_path / "p.sha256"
+    sidecar.write_bytes(b"")
+    real_open = builtins.open
+
+    class WrittenDuringRead:
+        def __init__(self, f: object) -> None:
+            self.f = f
+
+        def __enter__(self) -> WrittenDuringRead:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()  # type: ignore[attr-defined]
+
+        def fileno(self) -> int:
+            return int(self.f.fileno())  # type: ignore[attr-defined]
+
+        def read(self, n: int) -> bytes:
+            got = bytes(self.f.read(n))  # type: ignore[attr-defined]
+            with real_open(sidecar, "ab") as w:  # the producer writes now
+                w.write(hashlib.sha256(data).hexdigest().encode())
+            return got
+
+    def racing_open(path: object, mode: str = "r", *a: object, **k: object) -> object:
+        f = real_open(path, mode, *a, **k)  # type: ignore[call-overload]
+        return WrittenDuringRead(f) if str(path) == str(sidecar) else f
+
+    monkeypatch.setattr(readiness, "open", racing_open, raising=False)
+    first = gather(tmp_path, "p", ReadyRule())
+    monkeypatch.undo()
+    assert first.verdict == "invalid"  # it read an empty sidecar
+    second = gather(tmp_path, "p", ReadyRule())
+    assert second.verdict == "ready"
+    assert second.fingerprint != first.fingerprint  # so the engine looks again
