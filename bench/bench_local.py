@@ -110,6 +110,7 @@ def large(work: Path, size: int, runs: int) -> dict[str, object]:
             shutil.rmtree(out)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"size_bytes": size, "runs": runs, "median_s": med,
+            "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "mb_s": {k: round(size / v / 1e6, 1) for k, v in med.items()},
             "ratio_relay_vs_openssl_cp_sync": round(med["relay"] / med["openssl+cp+sync"], 3),
             "ratio_relay_vs_cp_sync": round(med["relay"] / med["cp+sync"], 3)}

@@ -159,7 +159,7 @@ class Daemon:
         evaluator = loop.create_task(self.e._evaluator())
         periodic = loop.create_task(self._periodic()) if not once else None
         if once:
-            while self.e.dirty or self.e.jobs or self.e._evaluating:
+            while self.e.dirty or self.e.jobs or self.e.queued or self.e._evaluating:
                 await asyncio.sleep(0.02)
             self.e.stop()
         await self.e.stopping.wait()

@@ -58,6 +58,8 @@ class Metrics:
         self.queue_depth = Gauge("relay_queue_depth", "Paths waiting to be evaluated",
                                  registry=r)
         self.in_flight = Gauge("relay_deliveries_in_flight", "Payload jobs running", registry=r)
+        self.jobs_queued = Gauge("relay_jobs_queued", "Ready payloads waiting for a free job slot",
+                                 registry=r)
         self.circuit_open = Gauge("relay_destination_circuit_open",
                                   "1 while a destination is backed off as a whole",
                                   ["destination"], registry=r)

@@ -1,0 +1,287 @@
+"""Hints → evaluation: which paths to look at again, what their evidence says, and the
+journal's record of each decision.
+
+Filesystem hints only mark a path *dirty*; one evaluator task re-reads the evidence
+(:mod:`relay.readiness`) and records the verdict. A READY file is handed to the job side
+(:meth:`relay.engine.Engine._start_job`). :class:`Evaluation` is the evaluating half of
+:class:`relay.engine.Engine`; the state it uses is created by ``Engine.__init__``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from relay.journal import Journal
+from relay.logs import get_logger
+from relay.metrics import METRICS
+from relay.paths import compile_glob
+from relay.readiness import Declared, Evidence, classify, gather, gather_batch
+from relay.rules import Route, Rules, SourceRule
+from relay.watcher import scan
+
+__all__ = ["Evaluation", "Key", "is_ignored"]
+
+log = get_logger()
+Key = tuple[str, str, str]  # (source, kind "file"|"batch", rel)
+_EVAL_BATCH = 32  # single files whose evidence one worker-thread hop reads
+
+
+def is_ignored(src: SourceRule, rel: str) -> bool:
+    return any(compile_glob(g).match(rel) for g in src.ignore)
+
+
+class Evaluation:
+    """Hints and evaluation; mixed into the engine, which owns the state declared here."""
+
+    rules: Rules
+    journal: Journal
+    dirty: dict[Key, None]
+    jobs: dict[int, asyncio.Task[None]]
+    queued: dict[int, None]
+    deferred: dict[int, Key]
+    seq: int
+    payload_seq: dict[tuple[str, str], int]
+    marker_seq: dict[tuple[str, str], int]
+    stopping: asyncio.Event
+    _wake: asyncio.Event
+    _evaluating: bool
+    _gathered_at: float
+    _last_reason: dict[int, str]
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        raise NotImplementedError  # the engine's
+
+    def _start_job(self, file_id: int) -> None:
+        raise NotImplementedError  # the engine's
+
+    # -- hints ---------------------------------------------------------------------------
+
+    def hint(self, source: str, rel: str, kind: str, from_event: bool = True) -> None:
+        """Something happened at ``rel``: look at whatever it speaks for again."""
+        src = self.rules.source(source)
+        if kind == "dir":
+            self._spawn(self._scan(src, rel))
+            return
+        if is_ignored(src, rel):
+            return
+        what, target = classify(rel, src.ready)
+        if from_event and kind == "file":
+            self.seq += 1
+            if what == "payload":
+                self.payload_seq[(source, target)] = self.seq
+            elif what == "marker":
+                self.marker_seq[(source, target)] = self.seq
+        if what in ("dirmarker", "manifest"):
+            key: Key = (source, "batch", target)
+        else:
+            batch_dir = self._batch_dir(src, target)
+            key = (source, "batch", batch_dir) if batch_dir is not None else (source, "file",
+                                                                              target)
+        self.dirty[key] = None
+        METRICS.queue_depth.set(len(self.dirty))
+        self._wake.set()
+
+    def _batch_dir(self, src: SourceRule, rel: str) -> str | None:
+        marker = src.ready.directory_marker
+        if not marker:
+            return None
+        parts = rel.split("/")[:-1]
+        while True:
+            d = "/".join(parts)
+            if os.path.lexists(src.path / d / marker if d else src.path / marker):
+                return d or "."
+            if not parts:
+                return None
+            parts.pop()
+
+    def _marker_stale(self, source: str, rel: str) -> bool | None:
+        """Did the watcher see the payload change after the marker was last written?
+        None when it saw neither (e.g. both were there at start-up)."""
+        p = self.payload_seq.get((source, rel))
+        m = self.marker_seq.get((source, rel))
+        if p is None and m is None:
+            return None
+        return (p or -1) > (m or -1)
+
+    def forget_event_order(self, source: str) -> None:
+        """Events of ``source`` were lost: the order we saw is incomplete (a marker's own
+        event may be among the lost ones), so judge its markers by mtimes again."""
+        for seqs in (self.payload_seq, self.marker_seq):
+            for key in [k for k in seqs if k[0] == source]:
+                del seqs[key]
+
+    async def _scan(self, src: SourceRule, below: str = "") -> None:
+        try:
+            rels = await asyncio.to_thread(lambda: list(scan(src.path, src.recursive, below)))
+        except OSError as exc:
+            log.error("source_scan_failed", source=src.name, error=str(exc))
+            return
+        for rel in rels:
+            self.hint(src.name, rel, "file", from_event=False)
+
+    # -- evaluation ----------------------------------------------------------------------
+
+    async def _evaluator(self) -> None:
+        while not self.stopping.is_set():
+            await self._wake.wait()
+            self._wake.clear()
+            while self.dirty and not self.stopping.is_set():
+                key = next(iter(self.dirty))
+                del self.dirty[key]
+                if key[1] == "file":
+                    # Take the next single files too: their evidence is read in one
+                    # worker-thread hop (see evaluate_files).
+                    keys = [key]
+                    for k in self.dirty:
+                        if len(keys) >= _EVAL_BATCH:
+                            break
+                        if k[1] == "file":
+                            keys.append(k)
+                    for k in keys[1:]:
+                        del self.dirty[k]
+                METRICS.queue_depth.set(len(self.dirty))
+                self._evaluating = True
+                try:
+                    if key[1] == "file":
+                        await self.evaluate_files(keys)
+                    else:
+                        await self.evaluate(key)
+                except Exception as exc:  # one bad file must never stop the engine
+                    log.exception("evaluation_failed", file=key[2], error=str(exc))
+                finally:
+                    self._evaluating = False
+
+    async def evaluate_files(self, keys: list[Key]) -> None:
+        """:meth:`evaluate` for single files, their evidence gathered in one worker-thread
+        hop instead of one each. Each decision is the same as evaluate() would record:
+        ``_gathered_at`` is taken before any of them is read, so the "evidence is stale"
+        check in _apply only gets more careful, and the decisions are applied one after
+        the other on the loop, with no await in between (no job moves meanwhile)."""
+        if len(keys) == 1:
+            await self.evaluate(keys[0])
+            return
+        self._gathered_at = time.time()
+        todo = []
+        for key in keys:
+            source, _, rel = key
+            try:
+                route = self.rules.match(source, rel)
+                src = self.rules.source(source)
+            except Exception as exc:  # e.g. a source gone with a reload: this file only
+                log.exception("evaluation_failed", file=rel, error=str(exc))
+                continue
+            if route is None:
+                log.debug("file_unrouted", file=rel, source=source)
+                continue
+            todo.append((key, src, route, self._marker_stale(source, rel)))
+
+        def gather_all() -> list[Evidence | Exception]:
+            out: list[Evidence | Exception] = []
+            for (_, _, rel), src, _, stale in todo:
+                try:
+                    out.append(gather(src.path, rel, src.ready, stale))
+                except Exception as exc:  # reported per file below, as evaluate() would
+                    out.append(exc)
+            return out
+
+        for (key, src, route, _), ev in zip(todo, await asyncio.to_thread(gather_all),
+                                            strict=True):
+            if isinstance(ev, Exception):
+                log.error("evaluation_failed", file=key[2], error=str(ev))
+                continue
+            try:
+                self._apply(src, route, key, ev.verdict, ev.reason, ev.fingerprint,
+                            ev.signal, ev.declared)
+            except Exception as exc:  # one bad file must never stop the others
+                log.exception("evaluation_failed", file=key[2], error=str(exc))
+
+    async def evaluate(self, key: Key) -> None:
+        source, kind, rel = key
+        src = self.rules.source(source)
+        self._gathered_at = time.time()
+        if kind == "file":
+            route = self.rules.match(source, rel)
+            if route is None:
+                log.debug("file_unrouted", file=rel, source=source)
+                return
+            ev = await asyncio.to_thread(gather, src.path, rel, src.ready,
+                                         self._marker_stale(source, rel))
+            self._apply(src, route, key, ev.verdict, ev.reason, ev.fingerprint, ev.signal,
+                        ev.declared)
+            return
+        bev = await asyncio.to_thread(gather_batch, src.path, rel, src.ready,
+                                      lambda r: is_ignored(src, r))
+        routes = {self.rules.match(source, m) for m in bev.members}
+        routes.discard(None)
+        if len(routes) > 1:
+            bev.verdict, bev.reason = "invalid", "batch members match different routes"
+        route = next(iter(routes)) if routes else self.rules.match(
+            source, f"{rel}/{src.ready.directory_marker}")
+        if route is None:
+            log.debug("batch_unrouted", file=rel, source=source)
+            return
+        self._apply(src, route, key, bev.verdict, bev.reason, bev.fingerprint,
+                    f"{rel}/{src.ready.directory_marker}", None)
+
+    def _apply(self, src: SourceRule, route: Route, key: Key, verdict: str, reason: str,
+               fp: str, sig: str | None, declared: Declared | None) -> None:
+        _, kind, rel = key
+        j = self.journal
+        row = j.get_file(src.name, rel, kind)
+        if verdict == "gone":
+            if row is not None and row.state in ("seen", "waiting", "quarantined") \
+                    and row.id not in self.jobs and row.id not in self.queued:
+                j.delete_file(row.id)
+                log.info("file_forgotten", file=rel, source=src.name, reason=reason)
+            return
+        if row is not None and (row.id in self.jobs or row.id in self.queued):
+            self.deferred[row.id] = key  # look again when the running job ends
+            return
+        if row is not None and row.updated_at > self._gathered_at:
+            # A job moved this file on while we were reading: the evidence is stale.
+            self.dirty[key] = None
+            self._wake.set()
+            return
+        if row is None:
+            row = j.upsert_file(src.name, rel, kind, route=route.name, state="seen")
+            METRICS.files_seen.labels(route.name).inc()
+            log.info("file_seen", file=rel, source=src.name, route=route.name, kind=kind)
+        elif row.fingerprint == fp and row.state != "seen":
+            if row.state in ("ready", "delivering", "delivered"):
+                self._start_job(row.id)
+            return
+        elif row.state == "done" and verdict != "ready":
+            # Signals or payload going away (our own post-action, a consumer tidying up)
+            # is not new content. Only a new, valid signal starts a new generation.
+            return
+        elif row.state in ("done", "failed", "quarantined"):
+            j.new_generation(row.id, state="seen", route=route.name, sha256=None, size=None,
+                             reason=None, waiting_since=None, ready_at=None)
+            log.info("file_changed", file=rel, source=src.name, route=route.name,
+                     previous_state=row.state)
+            row = j.file_by_id(row.id) or row
+        elif row.state in ("delivering", "delivered"):
+            self._start_job(row.id)
+            return
+        now = time.time()
+        if verdict in ("waiting", "invalid"):
+            j.update_file(row.id, state="waiting", reason=reason, fingerprint=fp, signal=sig,
+                          route=route.name, waiting_since=row.waiting_since or now)
+            if self._last_reason.get(row.id) != reason:
+                self._last_reason[row.id] = reason
+                log.info("file_waiting", file=rel, source=src.name, route=route.name,
+                         reason=reason, invalid=verdict == "invalid")
+            return
+        j.update_file(row.id, state="ready", reason=reason, fingerprint=fp, signal=sig,
+                      route=route.name, ready_at=now,
+                      declared_algo=declared.algo if declared else None,
+                      declared_digest=declared.hexdigest if declared else None)
+        self._last_reason.pop(row.id, None)
+        METRICS.files_ready.labels(route.name).inc()
+        log.info("file_ready", file=rel, source=src.name, route=route.name, signal=sig,
+                 declared=declared.hexdigest if declared else None)
+        self._start_job(row.id)
