@@ -96,6 +96,10 @@ def large(work: Path, size: int, runs: int) -> dict[str, object]:
         for name in times:
             out = work / f"out-{name}-{i}"
             out.mkdir()
+            # Start every contender from the same state: the previous one's writeback and
+            # deleted GiB flushed (otherwise whoever comes next pays for them, and the
+            # medians swing by 2x), the source out of the page cache.
+            os.sync()
             _drop_caches_of(payload)
             if name == "relay":
                 root = work / f"relay-{i}"
@@ -111,6 +115,12 @@ def large(work: Path, size: int, runs: int) -> dict[str, object]:
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"size_bytes": size, "runs": runs, "median_s": med,
             "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            # This VM's disk flushes are bimodal (runs of ~1.5 s and ~3.5 s for everyone):
+            # the best run of each contender is the steadier comparison.
+            "best_s": {k: round(min(v), 3) for k, v in times.items()},
+            "ratio_best_relay_vs_openssl_cp_sync": round(min(times["relay"])
+                                                         / min(times["openssl+cp+sync"]), 3),
+            "ratio_best_relay_vs_cp_sync": round(min(times["relay"]) / min(times["cp+sync"]), 3),
             "mb_s": {k: round(size / v / 1e6, 1) for k, v in med.items()},
             "ratio_relay_vs_openssl_cp_sync": round(med["relay"] / med["openssl+cp+sync"], 3),
             "ratio_relay_vs_cp_sync": round(med["relay"] / med["cp+sync"], 3)}
