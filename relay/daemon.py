@@ -10,13 +10,14 @@ import contextlib
 import os
 import signal
 import time
+from collections.abc import Iterable
 
 from relay.destinations.base import Destination, open_destination
 from relay.engine import Engine
 from relay.errors import RulesError, TransferError
 from relay.logs import get_logger
 from relay.metrics import METRICS, serve
-from relay.rules import environment_problems, load_rules
+from relay.rules import SourceRule, environment_problems, load_rules
 from relay.watcher import SourceWatcher
 
 __all__ = ["Daemon"]
@@ -40,6 +41,14 @@ class Daemon:
         if source not in self._catching_up and not self.e.stopping.is_set():
             self._catching_up.add(source)
             self.e._spawn(self._catch_up(source))
+
+    def _watch(self, sources: Iterable[SourceRule], loop: asyncio.AbstractEventLoop) -> None:
+        """Start one watcher per source (replacing any the engine had)."""
+        self.e.watchers = []
+        for src in sources:
+            w = SourceWatcher(src, loop, self.e.hint, self._overflowed)
+            w.start()
+            self.e.watchers.append(w)
 
     async def _catch_up(self, source: str) -> None:
         """Rescan ``source``, and again while overflows keep coming: a scan that started
@@ -110,11 +119,7 @@ class Daemon:
         if {s for s in old.sources} != {s for s in rules.sources}:
             for w in self.e.watchers:
                 w.stop()
-            self.e.watchers = []
-            for src in rules.sources:
-                w = SourceWatcher(src, loop, self.e.hint, self._overflowed)
-                w.start()
-                self.e.watchers.append(w)
+            self._watch(rules.sources, loop)
         for src in rules.sources:
             self.e._spawn(self.e._scan(src))
         log.info("rules_reloaded", sources=len(rules.sources),
@@ -147,10 +152,7 @@ class Daemon:
                 log.error("destination_unavailable", destination=dest.name, error=str(exc))
         await self.e.recover()
         if not once:
-            for src in self.e.rules.sources:
-                w = SourceWatcher(src, loop, self.e.hint, self._overflowed)
-                w.start()
-                self.e.watchers.append(w)
+            self._watch(self.e.rules.sources, loop)
         for src in self.e.rules.sources:
             await self.e._scan(src)
         log.info("relay_started", sources=len(self.e.rules.sources),

@@ -98,7 +98,7 @@ async def deliver_to(
     # signals may be in place already ('signalling' is not flushed before they are written).
     resumed = {d.id for d in todo if d.state in ("renaming", "signalling")}
     for d in todo:
-        if d.state in ("renaming", "signalling"):
+        if d.id in resumed:
             # Resuming after the bytes were staged (a retry or a restart) is an attempt
             # too: without counting it, a step that always fails would retry forever.
             d.attempts += 1
@@ -109,7 +109,7 @@ async def deliver_to(
         # 1. stage every member not staged yet. A batch is staged whole, then every member
         #    is journalled 'renaming' in ONE transaction: all-or-none even across a crash.
         for d in todo:
-            if d.state in ("renaming", "signalling"):
+            if d.id in resumed:
                 continue
             current = d
             m = by_member[d.member]
@@ -237,14 +237,15 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
 
     await journal.durable()  # 'staging' (the temporary to sweep, the attempt) comes first
     staged = await dest.stage(src_root / m.rel, d.target, algos, d.acked, progress)
-    after = _identity(src_root / m.rel)
-    if m.declared is None and (before != after or (after and after[1] != staged.size)):
-        # Written, truncated or replaced while we copied it. With a declared digest the
-        # hash check would catch it; an empty marker vouches for nothing but the bytes
-        # as they were, so what we staged may be neither the old nor the new file.
-        await dest.discard(staged.tmp)
-        raise SourceChanged(f"{m.rel} changed while it was being copied "
-                            f"({staged.size} bytes read)")
+    if m.declared is None:
+        # Written, truncated or replaced while we copied it? With a declared digest the
+        # hash check below catches that; an empty marker vouches for nothing but the
+        # bytes as they were, so what we staged may be neither the old nor the new file.
+        after = _identity(src_root / m.rel)
+        if before != after or (after and after[1] != staged.size):
+            await dest.discard(staged.tmp)
+            raise SourceChanged(f"{m.rel} changed while it was being copied "
+                                f"({staged.size} bytes read)")
     if staged.fallbacks:
         METRICS.resume_fallbacks.labels(dest.name).inc(staged.fallbacks)
         journal.update_delivery(d.id, fallbacks=d.fallbacks + staged.fallbacks)
@@ -296,7 +297,6 @@ async def _write_signals(dest: Destination, route: Route, target: str, sha256: s
 async def _put_signal(dest: Destination, target: str, body: bytes, resumed: bool) -> None:
     """Write a downstream signal. When resuming after a crash, one already in place with
     the same bytes is left alone: rewriting it would wake downstream watchers twice."""
-    same = getattr(dest, "has_identical", None)
-    if resumed and same is not None and await same(target, body):
+    if resumed and await dest.has_identical(target, body):
         return
     await dest.put_signal(target, body)

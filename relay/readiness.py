@@ -333,7 +333,7 @@ def _stale(events: bool | None, payload_mtime: int, marker_mtime: int) -> bool:
 def gather(root: Path, rel: str, ready: ReadyRule,
            marker_stale: bool | None = None) -> Evidence:
     """Read the payload's stat and its signal files under ``root``, then :func:`decide`."""
-    link = through_symlink(root, rel) if "/" in rel else None
+    link = through_symlink(root, rel)
     if link is not None:
         return Evidence(rel, "invalid", f"reached through symlinked folder {link}; "
                         "never followed", fingerprint=f"link:{link}")

@@ -128,3 +128,15 @@ def one_route_zone(tmp_path: Path, **route: Any) -> tuple[Path, Path, Path]:
     rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"},
                         route=dict(route) or None)
     return src, out, rules
+
+
+def larger_than(path: Path, size: int) -> Callable[[], bool]:
+    """A predicate for :func:`wait_for`: ``path`` exists and holds more than ``size`` bytes
+    (e.g. a temporary that a copy is filling)."""
+    def check() -> bool:
+        try:
+            return path.stat().st_size > size
+        except FileNotFoundError:
+            return False
+
+    return check

@@ -22,6 +22,7 @@ from tests.helpers import (
     RELAY,
     RelayProc,
     drop,
+    larger_than,
     one_route_zone,
     relay_env,
     run_once,
@@ -295,14 +296,8 @@ def test_payload_truncated_while_being_copied_is_not_delivered(
     try:
         relay.wait_started()
 
-        def copying() -> bool:
-            try:
-                return (out / ".t.bin.tmp").stat().st_size > 64 * 2**20
-            except FileNotFoundError:
-                return False
-
         (src / "t.bin.sha256").write_text(h.hexdigest())
-        wait_for(copying, 30, "copy under way")
+        wait_for(larger_than(out / ".t.bin.tmp", 64 * 2**20), 30, "copy under way")
         os.truncate(src / "t.bin", 1000)
         wait_for(lambda: "hashes to" in str(journal_row(tmp_path, "t.bin")), 30,
                  "digest mismatch recorded")

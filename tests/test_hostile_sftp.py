@@ -32,7 +32,13 @@ from tests.helpers import RELAY, RelayProc, drop, relay_env, sha256, wait_for, w
 from tests.observer import Observer
 from tests.sshd_server import Sshd, sftp_dir, sshd  # noqa: F401
 from tests.tcp_proxy import ChaosProxy, TcpProxy
-from tests.test_torture import BatchObserver, Producer, _leftovers
+from tests.test_torture import (
+    BatchObserver,
+    Producer,
+    _leftovers,
+    check_delivered,
+    check_observers,
+)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -162,16 +168,9 @@ def sftp_torture(tmp_path: Path, sshd: Sshd, server_dir: Path,  # noqa: F811
         for o in observers:
             o.stop()
     elapsed = time.monotonic() - started
-    for o in observers:
-        o.check_once()
-        assert o.violations == [], o.violations[:10]
-        assert o.polls > 100
+    check_observers(observers)
     for root in (s, t):
-        for rel, data in producer.files.items():
-            assert (root / rel).read_bytes() == data, (root, rel)
-            if not rel.startswith("batch"):
-                assert (root / f"{rel}.sha256").read_text() == \
-                    f"{sha256(data)}  {PurePosixPath(rel).name}\n"
+        check_delivered(root, producer.files)
         # Temporaries kept for resume are finished by the end; probe files never stay.
         assert _leftovers(root) == [], _leftovers(root)[:10]
         assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) in (

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.helpers import RelayProc, drop, one_route_zone, wait_for
+from tests.helpers import RelayProc, drop, larger_than, one_route_zone, wait_for
 from tests.test_bad_input import journal_row
 
 
@@ -21,14 +21,8 @@ def test_payload_truncated_during_a_marker_copy_is_not_delivered(tmp_path: Path)
     try:
         relay.wait_started()
 
-        def copying() -> bool:
-            try:
-                return (out / ".t.bin.tmp").stat().st_size > 64 * 2**20
-            except FileNotFoundError:
-                return False
-
         (src / "t.bin.done").write_text("")
-        wait_for(copying, 30, "copy under way")
+        wait_for(larger_than(out / ".t.bin.tmp", 64 * 2**20), 30, "copy under way")
         os.truncate(src / "t.bin", 1000)
         wait_for(lambda: journal_row(tmp_path, "t.bin")[0] in  # type: ignore[index]
                  ("waiting", "done"), 30, "settled")

@@ -176,6 +176,24 @@ def _leftovers(root: Path) -> list[str]:
             if p.is_file() and (p.name.startswith(".") or ".relay-staging" in p.parts)]
 
 
+def check_observers(observers: list[Observer]) -> None:
+    """After the run: the observers saw no violation, and really looked."""
+    for o in observers:
+        o.check_once()
+        assert o.violations == [], o.violations[:10]
+        assert o.polls > 100
+
+
+def check_delivered(root: Path, files: dict[str, bytes]) -> None:
+    """Every produced file at ``root`` with its content, and each single file's sidecar
+    in the form relay writes."""
+    for rel, data in files.items():
+        assert (root / rel).read_bytes() == data, (root, rel)
+        if not rel.startswith("batch"):
+            assert (root / f"{rel}.sha256").read_text() == \
+                f"{sha256(data)}  {PurePosixPath(rel).name}\n"
+
+
 def torture(tmp_path: Path, batch_then: str = "keep", strict_markers: bool = False) -> str:
     """The crash loop; returns a one-line summary. Batches use ``batch_then`` as their
     post-action, single files ``delete``."""
@@ -245,16 +263,9 @@ def torture(tmp_path: Path, batch_then: str = "keep", strict_markers: bool = Fal
         for o in observers:
             o.stop()
     elapsed = time.monotonic() - started
-    for o in observers:
-        o.check_once()
-        assert o.violations == [], o.violations[:10]
-        assert o.polls > 100
+    check_observers(observers)
     for root in (a, b):
-        for rel, data in producer.files.items():
-            assert (root / rel).read_bytes() == data, (root, rel)
-            if not rel.startswith("batch"):
-                assert (root / f"{rel}.sha256").read_text() == \
-                    f"{sha256(data)}  {PurePosixPath(rel).name}\n"
+        check_delivered(root, producer.files)
         assert _leftovers(root) == []
     for rel in kept:
         assert (src / rel).read_bytes() == producer.files[rel]

@@ -89,6 +89,10 @@ class Destination(Protocol):
     async def put_signal(self, target: str, data: bytes) -> None:
         """Write a small file at ``target`` via temporary name + atomic rename."""
 
+    async def has_identical(self, target: str, data: bytes) -> bool:
+        """Is ``target`` already a regular file holding exactly ``data``? (Recovery asks
+        before rewriting a signal, so downstream watchers are not woken twice.)"""
+
     async def discard(self, tmp: str) -> None:
         """Remove a temporary; no error if it does not exist."""
 

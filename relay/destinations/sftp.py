@@ -1,4 +1,5 @@
-"""``sftp://user@host:port/path`` destinations over asyncssh (the only module importing it).
+"""``sftp://user@host:port/path`` destinations over asyncssh (with sftp_session.py, the only
+modules importing it).
 
 One pooled SSH connection per destination carries up to 8 SFTP channels (never more than
 ``rule.concurrency``; fewer if the server refuses more sessions); up to ``rule.concurrency``
@@ -30,21 +31,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import getpass
 import hashlib
 import os
 import posixpath
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
 
 import asyncssh
 
 from relay.destinations.base import Progress, Staged, temp_name
-from relay.destinations.sftp_io import read_hash, upload
+from relay.destinations.sftp_io import hash_prefix, read_hash, upload
 from relay.destinations.sftp_probe import probe
+from relay.destinations.sftp_session import Session, parse_sftp_url, unsupported
 from relay.errors import PermanentError, RetryableError, SourceVanished
 from relay.hashing import MultiHash
 from relay.logs import get_logger
@@ -66,106 +65,6 @@ FSYNC_FLOOR = 20e6  # bytes/s a server's disk flushes at least: extra watchdog p
 PIECES_PER_BLOCK = 8   # source read + hashed per thread hop: 8 x the write limit (2 MiB)
 
 
-def parse_sftp_url(url: str) -> tuple[str, str, int, str]:
-    """``sftp://user@host:port/abs/path`` → (user, host, port, root). As curl does, the path
-    is absolute; ``/~/dir`` (or no path) is relative to the login folder."""
-    parts = urlsplit(url)
-    path = unquote(parts.path)
-    if path in ("", "/", "/~", "/~/"):
-        root = "/" if path == "/" else "."
-    elif path.startswith("/~/"):
-        root = path[3:].rstrip("/")
-    else:
-        root = path.rstrip("/")
-    return (unquote(parts.username) if parts.username else getpass.getuser(),
-            parts.hostname or "", parts.port or 22, root)
-
-
-def _unsupported(exc: BaseException) -> bool:
-    """A server refusal (SFTP status), as opposed to a broken connection."""
-    return isinstance(exc, asyncssh.SFTPError) and not isinstance(
-        exc, asyncssh.SFTPConnectionLost | asyncssh.SFTPNoConnection)
-
-
-@dataclass
-class _Session:
-    """One SSH connection, its SFTP channels and the watchdog bounding every request."""
-
-    conn: asyncssh.SSHClientConnection
-    channels: list[asyncssh.SFTPClient]
-    stall: float
-    load: list[int] = field(default_factory=list)
-    busy: int = 0       # operations waiting on the server
-    last: float = field(default_factory=time.monotonic)
-    extra: float = 0.0  # more patience while a long request (fsync) is outstanding
-    dirs: set[str] = field(default_factory=set)
-    ready: bool = False  # root checked and server probed
-    _timer: asyncio.TimerHandle | None = None
-
-    def arm(self) -> None:
-        self._timer = asyncio.get_running_loop().call_later(self.stall / 4, self._check)
-
-    def _check(self) -> None:
-        # wait_for() cannot interrupt a request stuck in the library; aborting the
-        # connection fails every outstanding request at once, exactly on time.
-        if self.busy and time.monotonic() - self.last > self.stall + self.extra:
-            log.warning("sftp_connection_stalled", host=self.conn.get_extra_info("host"),
-                        stalled_s=round(time.monotonic() - self.last, 1))
-            self.conn.abort()
-            return
-        self.arm()
-
-    def touch(self) -> None:
-        self.last = time.monotonic()
-
-    @contextlib.contextmanager
-    def lease(self) -> Iterator[asyncssh.SFTPClient]:
-        """The least busy channel, for one operation."""
-        if len(self.load) != len(self.channels):
-            self.load = [0] * len(self.channels)
-        i = min(range(len(self.channels)), key=self.load.__getitem__)
-        self.load[i] += 1
-        try:
-            yield self.channels[i]
-        finally:
-            self.load[i] -= 1
-
-    @contextlib.contextmanager
-    def request(self) -> Iterator[None]:
-        """An operation waiting on the server (replies call touch())."""
-        if not self.busy:
-            self.last = time.monotonic()
-        self.busy += 1
-        try:
-            yield
-        finally:
-            self.busy -= 1
-            self.last = time.monotonic()
-
-    @contextlib.contextmanager
-    def idle(self) -> Iterator[None]:
-        """Local work inside an operation (hashing a prefix): not a wait on the server."""
-        self.busy -= 1
-        try:
-            yield
-        finally:
-            self.busy += 1
-            self.last = time.monotonic()
-
-    @contextlib.contextmanager
-    def patience(self, seconds: float) -> Iterator[None]:
-        self.extra += seconds
-        try:
-            yield
-        finally:
-            self.extra -= seconds
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self.conn.abort()
-
-
 class SftpDestination:
     """A folder on an SFTP server, reached over one pooled SSH connection."""
 
@@ -177,7 +76,7 @@ class SftpDestination:
         self.can_resume = True
         self.capabilities: dict[str, object] = {}
         self.connections = 0  # successful logins so far (one per reconnect)
-        self._session: _Session | None = None
+        self._session: Session | None = None
         self._connecting = asyncio.Lock()
         limit = rule.concurrency or DEFAULT_CONCURRENCY
         self._slots = asyncio.Semaphore(limit)
@@ -201,7 +100,7 @@ class SftpDestination:
         except OSError as exc:
             raise PermanentError(f"cannot read secret {name!r}: {exc.strerror}") from exc
 
-    async def _connect(self) -> _Session:
+    async def _connect(self) -> Session:
         rule = self.rule
         started = time.monotonic()
         what = f"connecting to {self.host}:{self.port}"
@@ -227,7 +126,7 @@ class SftpDestination:
             conn.abort()
             raise
         channels = [first, *(c for c in more if isinstance(c, asyncssh.SFTPClient))]
-        session = _Session(conn, channels, self._stall)
+        session = Session(conn, channels, self._stall)
         session.arm()
         self.connections += 1
         log.info("sftp_connected", destination=self.name, host=self.host, port=self.port,
@@ -237,7 +136,7 @@ class SftpDestination:
                  duration_ms=round((time.monotonic() - started) * 1000, 1))
         return session
 
-    async def _get(self) -> _Session:
+    async def _get(self) -> Session:
         """The pooled session: (re)connected, root checked, server probed once."""
         s = self._session
         if s is not None and s.ready and not s.conn.is_closed():
@@ -260,7 +159,7 @@ class SftpDestination:
                 if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
                     raise PermanentError(f"destination root {self.root} is not a directory")
                 if not self.capabilities:
-                    caps = await probe(sftp, self.root, _unsupported, self._probe_tag)
+                    caps = await probe(sftp, self.root, unsupported, self._probe_tag)
                     caps.update(write_limit=sftp.limits.max_write_len,
                                 read_limit=sftp.limits.max_read_len,
                                 sftp_version=sftp.version, channels=len(s.channels),
@@ -272,7 +171,7 @@ class SftpDestination:
             return s
 
     @contextlib.contextmanager
-    def _translate(self, what: str, session: _Session | None) -> Iterator[None]:
+    def _translate(self, what: str, session: Session | None) -> Iterator[None]:
         """The one place asyncssh and socket errors become relay errors. Anything but an
         SFTP status drops the pooled connection, so the next attempt reconnects."""
         try:
@@ -289,7 +188,7 @@ class SftpDestination:
             raise PermanentError(f"{what}: cannot load identity {self.rule.identity}: "
                                  f"{exc}") from exc
         except asyncssh.SFTPError as exc:
-            if not _unsupported(exc):
+            if not unsupported(exc):
                 self._drop(session)
                 raise RetryableError(f"{what}: connection lost ({exc.reason})") from exc
             raise RetryableError(f"{what}: {type(exc).__name__.removeprefix('SFTP')}: "
@@ -308,14 +207,14 @@ class SftpDestination:
                 reason = f"connection lost ({reason or type(exc).__name__})"
             raise RetryableError(f"{what}: {reason or type(exc).__name__}") from exc
 
-    def _drop(self, session: _Session | None) -> None:
+    def _drop(self, session: Session | None) -> None:
         if session is not None and session is self._session:
             self._session = None
             session.close()
             log.info("sftp_disconnected", destination=self.name, host=self.host)
 
     @contextlib.asynccontextmanager
-    async def _op(self, what: str) -> AsyncIterator[tuple[_Session, asyncssh.SFTPClient]]:
+    async def _op(self, what: str) -> AsyncIterator[tuple[Session, asyncssh.SFTPClient]]:
         """A concurrency slot, a live session and its least busy channel; errors
         translated."""
         async with self._slots:
@@ -326,7 +225,7 @@ class SftpDestination:
     def _path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
 
-    async def _makedirs(self, s: _Session, sftp: asyncssh.SFTPClient, d: str) -> None:
+    async def _makedirs(self, s: Session, sftp: asyncssh.SFTPClient, d: str) -> None:
         """Create missing folders below the root (never the root itself)."""
         if d in s.dirs or d == self.root:
             return
@@ -368,7 +267,7 @@ class SftpDestination:
         finally:
             os.close(fd)
 
-    async def _stage(self, s: _Session, sftp: asyncssh.SFTPClient, fd: int, tmp: str,
+    async def _stage(self, s: Session, sftp: asyncssh.SFTPClient, fd: int, tmp: str,
                      target: str, algos: tuple[str, ...], acked: int,
                      progress: Progress) -> Staged:
         path = self._path(tmp)
@@ -386,7 +285,7 @@ class SftpDestination:
             mh = MultiHash(algos)
             if start:
                 with s.idle():
-                    await asyncio.to_thread(_hash_prefix, fd, start, mh)
+                    await asyncio.to_thread(hash_prefix, fd, start, mh)
             total, size, fsynced = await self._upload(s, sftp, fd, path, start, mh, progress)
             if total >= 0 and size == total:
                 break
@@ -410,7 +309,7 @@ class SftpDestination:
                       resumed_from=start, fallbacks=fallbacks,
                       extra={"fsynced": fsynced, "verified": self.rule.verify})
 
-    async def _resume_point(self, s: _Session, sftp: asyncssh.SFTPClient, fd: int,
+    async def _resume_point(self, s: Session, sftp: asyncssh.SFTPClient, fd: int,
                             path: str, acked: int) -> tuple[int, str | None]:
         """(offset to continue from, None) or (0, why resuming is not safe). A partial
         that cannot be trusted is removed here."""
@@ -432,7 +331,7 @@ class SftpDestination:
             async with sftp.open(path, "rb") as f:
                 remote = await read_hash(f, acked, on_block=s.touch)
             with s.idle():
-                local = await asyncio.to_thread(_hash_prefix, fd, acked, MultiHash())
+                local = await asyncio.to_thread(hash_prefix, fd, acked, MultiHash())
             if remote["sha256"] != local.hexdigests()["sha256"]:
                 why = "prefix digest differs from the source"
         if why is not None:
@@ -441,7 +340,7 @@ class SftpDestination:
             return 0, why
         return acked, None
 
-    async def _upload(self, s: _Session, sftp: asyncssh.SFTPClient, fd: int, path: str,
+    async def _upload(self, s: Session, sftp: asyncssh.SFTPClient, fd: int, path: str,
                       start: int, mh: MultiHash, progress: Progress) -> tuple[int, int, bool]:
         """Stream fd[start:] into ``path`` (truncating unless resuming), flush it, and
         return (end offset, remote size, fsynced); end is -1 if a resumed partial was
@@ -522,7 +421,7 @@ class SftpDestination:
                     got: bytes | str = await f.read(len(data) + 1, 0)  # bytes in "rb"
                 return got == data
             except asyncssh.SFTPError as exc:
-                if _unsupported(exc):
+                if unsupported(exc):
                     return False
                 raise
 
@@ -530,15 +429,3 @@ class SftpDestination:
         async with self._op(f"removing {tmp}") as (_, sftp):
             with contextlib.suppress(asyncssh.SFTPNoSuchFile):
                 await sftp.remove(self._path(tmp))
-
-
-def _hash_prefix(fd: int, size: int, mh: MultiHash) -> MultiHash:
-    """Feed the first ``size`` bytes of ``fd`` to ``mh`` (rebuilds the state of a resume)."""
-    offset = 0
-    while offset < size:
-        data = os.pread(fd, min(4 << 20, size - offset), offset)
-        if not data:
-            raise SourceVanished(f"source shrank below {size} bytes while resuming")
-        mh.update(data)
-        offset += len(data)
-    return mh

@@ -21,7 +21,7 @@ from typing import Protocol, cast
 from relay.errors import SourceVanished
 from relay.hashing import MultiHash
 
-__all__ = ["AckTracker", "RemoteFile", "read_hash", "upload"]
+__all__ = ["AckTracker", "RemoteFile", "hash_prefix", "read_hash", "upload"]
 
 READ_BLOCK = 4 * 1024 * 1024  # read-back request size (asyncssh splits it by the read limit)
 
@@ -158,3 +158,15 @@ async def read_hash(f: RemoteFile, size: int, algos: tuple[str, ...] = (),
         await asyncio.to_thread(mh.update, data)
         offset += len(data)
     return mh.hexdigests()
+
+
+def hash_prefix(fd: int, size: int, mh: MultiHash) -> MultiHash:
+    """Feed the first ``size`` bytes of ``fd`` to ``mh`` (rebuilds the state of a resume)."""
+    offset = 0
+    while offset < size:
+        data = os.pread(fd, min(4 << 20, size - offset), offset)
+        if not data:
+            raise SourceVanished(f"source shrank below {size} bytes while resuming")
+        mh.update(data)
+        offset += len(data)
+    return mh

@@ -1,0 +1,120 @@
+"""One pooled SSH connection to an SFTP server: its channels and the watchdog that bounds
+every request; plus URL parsing and telling a server's refusal from a lost connection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import getpass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
+
+import asyncssh
+
+from relay.logs import get_logger
+
+__all__ = ["Session", "parse_sftp_url", "unsupported"]
+
+log = get_logger()
+
+
+def parse_sftp_url(url: str) -> tuple[str, str, int, str]:
+    """``sftp://user@host:port/abs/path`` → (user, host, port, root). As curl does, the path
+    is absolute; ``/~/dir`` (or no path) is relative to the login folder."""
+    parts = urlsplit(url)
+    path = unquote(parts.path)
+    if path in ("", "/", "/~", "/~/"):
+        root = "/" if path == "/" else "."
+    elif path.startswith("/~/"):
+        root = path[3:].rstrip("/")
+    else:
+        root = path.rstrip("/")
+    return (unquote(parts.username) if parts.username else getpass.getuser(),
+            parts.hostname or "", parts.port or 22, root)
+
+
+def unsupported(exc: BaseException) -> bool:
+    """A server refusal (SFTP status), as opposed to a broken connection."""
+    return isinstance(exc, asyncssh.SFTPError) and not isinstance(
+        exc, asyncssh.SFTPConnectionLost | asyncssh.SFTPNoConnection)
+
+
+@dataclass
+class Session:
+    """One SSH connection, its SFTP channels and the watchdog bounding every request."""
+
+    conn: asyncssh.SSHClientConnection
+    channels: list[asyncssh.SFTPClient]
+    stall: float
+    load: list[int] = field(default_factory=list)
+    busy: int = 0       # operations waiting on the server
+    last: float = field(default_factory=time.monotonic)
+    extra: float = 0.0  # more patience while a long request (fsync) is outstanding
+    dirs: set[str] = field(default_factory=set)
+    ready: bool = False  # root checked and server probed
+    _timer: asyncio.TimerHandle | None = None
+
+    def arm(self) -> None:
+        self._timer = asyncio.get_running_loop().call_later(self.stall / 4, self._check)
+
+    def _check(self) -> None:
+        # wait_for() cannot interrupt a request stuck in the library; aborting the
+        # connection fails every outstanding request at once, exactly on time.
+        if self.busy and time.monotonic() - self.last > self.stall + self.extra:
+            log.warning("sftp_connection_stalled", host=self.conn.get_extra_info("host"),
+                        stalled_s=round(time.monotonic() - self.last, 1))
+            self.conn.abort()
+            return
+        self.arm()
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def lease(self) -> Iterator[asyncssh.SFTPClient]:
+        """The least busy channel, for one operation."""
+        if len(self.load) != len(self.channels):
+            self.load = [0] * len(self.channels)
+        i = min(range(len(self.channels)), key=self.load.__getitem__)
+        self.load[i] += 1
+        try:
+            yield self.channels[i]
+        finally:
+            self.load[i] -= 1
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """An operation waiting on the server (replies call touch())."""
+        if not self.busy:
+            self.last = time.monotonic()
+        self.busy += 1
+        try:
+            yield
+        finally:
+            self.busy -= 1
+            self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def idle(self) -> Iterator[None]:
+        """Local work inside an operation (hashing a prefix): not a wait on the server."""
+        self.busy -= 1
+        try:
+            yield
+        finally:
+            self.busy += 1
+            self.last = time.monotonic()
+
+    @contextlib.contextmanager
+    def patience(self, seconds: float) -> Iterator[None]:
+        self.extra += seconds
+        try:
+            yield
+        finally:
+            self.extra -= seconds
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self.conn.abort()
