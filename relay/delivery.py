@@ -81,11 +81,14 @@ async def deliver_to(
     batch_marker: str | None,
     retry: tuple[float, float, int],
     progress_interval: float,
+    rows: list[Delivery] | None = None,
 ) -> Outcome:
     """Bring every member of ``row`` to ``dest``. Never raises TransferError: the outcome
-    (and the journal) say what happened."""
+    (and the journal) say what happened. ``rows``: this destination's delivery rows of
+    ``row``, if the caller has just read them."""
     by_member = {m.rel: m for m in members}
-    rows = [d for d in journal.deliveries(row.id) if d.destination == dest.name]
+    if rows is None:
+        rows = [d for d in journal.deliveries(row.id) if d.destination == dest.name]
     gave_up = [d for d in rows if d.state == "failed"]
     if gave_up:
         # This destination gave up on (a member of) this generation: that is never
@@ -117,32 +120,52 @@ async def deliver_to(
             if st is not None:
                 staged.append((d, st))
         journal.mark_renaming([(d.id, st.digests["sha256"], st.size) for d, st in staged])
+        for d, st in staged:  # the rows in memory follow the journal (no re-reads)
+            d.state, d.sha256, d.size, d.acked = "renaming", st.digests["sha256"], st.size, st.size
         staged = []
         await journal.durable()  # 'renaming' must survive anything once we rename
-        # 2. rename every staged member onto its final name
-        for d in journal.deliveries(row.id):
-            if d.destination != dest.name or d.state != "renaming":
+        done: list[Delivery] = []
+        published: set[int] = set()
+        if batch_marker is None:
+            # 2+3 for single files just staged: rename, then signals, in one backend call
+            # (one worker hop for local folders). A crash in between leaves 'renaming',
+            # whose recovery (rename if the temporary is still there, then signals that
+            # are not already identical) is the same as 'signalling''s.
+            for d in todo:
+                if d.state != "renaming" or d.id in resumed:
+                    continue
+                current = d
+                assert d.tmp is not None and d.sha256 is not None
+                if not await dest.publish(d.target, d.tmp,
+                                          _signals(route, d.target, d.sha256)):
+                    raise RetryableError(f"temporary {d.tmp} vanished before rename")
+                published.add(d.id)
+                done.append(d)
+        # 2. rename every (other) staged member onto its final name
+        for d in todo:
+            if d.state != "renaming" or d.id in published:
                 continue
             current = d
             assert d.tmp is not None
             if not await dest.finish_commit(d.target, d.tmp):
                 raise RetryableError(f"temporary {d.tmp} vanished before rename")
             journal.update_delivery(d.id, state="signalling")
+            d.state = "signalling"
         # 3. downstream signals: per file, then the batch marker last
-        done: list[Delivery] = []
-        for d in journal.deliveries(row.id):
-            if d.destination != dest.name or d.state != "signalling":
+        for d in todo:
+            if d.state != "signalling":
                 continue
             current = d
             assert d.sha256 is not None
             if batch_marker is None:
-                await _write_signals(dest, route, d.target, d.sha256, d.id in resumed)
+                for target, body in _signals(route, d.target, d.sha256):
+                    await _put_signal(dest, target, body, d.id in resumed)
             done.append(d)
         if batch_marker is not None and done:
             await _put_signal(dest, batch_marker, b"", bool(resumed))
         for d in done:
             assert d.sha256 is not None
-            journal.mark_delivered(d, route.name, d.sha256)
+            journal.mark_delivered(d, d.sha256)
             METRICS.files_delivered.labels(route.name, dest.name).inc()
             METRICS.bytes_delivered.labels(route.name, dest.name).inc(d.size or 0)
             log.info("file_delivered", file=d.member, route=route.name,
@@ -208,6 +231,7 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
     total = before[1] if before else None  # for progress (status, logs) until staged
     journal.update_delivery(d.id, state="staging", tmp=tmp, attempts=d.attempts + 1,
                             next_try_at=None, size=total)
+    d.state, d.tmp, d.attempts = "staging", tmp, d.attempts + 1
     algos = (m.declared.algo,) if m.declared else ()
     started = time.monotonic()
     last_log = [started]
@@ -265,7 +289,7 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
         row.sha256 = sha
     if journal.already_delivered(route.name, dest.name, m.rel, sha):
         await dest.discard(staged.tmp)
-        journal.mark_delivered(d, route.name, sha)
+        journal.mark_delivered(d, sha)
         METRICS.duplicates.labels(route.name, dest.name).inc()
         log.info("delivery_skipped_duplicate", file=m.rel, route=route.name,
                  destination=dest.name, sha256=sha)
@@ -285,13 +309,15 @@ def _identity(path: Path) -> tuple[int, int, int] | None:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-async def _write_signals(dest: Destination, route: Route, target: str, sha256: str,
-                         resumed: bool) -> None:
+def _signals(route: Route, target: str, sha256: str) -> list[tuple[str, bytes]]:
+    """The downstream signal files of ``target``: (name, content), in writing order."""
     body = signal_body(target, sha256)
+    out = []
     if route.signal in ("sha256", "both"):
-        await _put_signal(dest, target + ".sha256", body, resumed)
+        out.append((target + ".sha256", body))
     if route.signal in ("marker", "both"):
-        await _put_signal(dest, target + route.marker_suffix, body, resumed)
+        out.append((target + route.marker_suffix, body))
+    return out
 
 
 async def _put_signal(dest: Destination, target: str, body: bytes, resumed: bool) -> None:

@@ -163,7 +163,7 @@ class Engine(Evaluation):
                 self._quarantine(row, route, f"unsafe destination path: {exc}")
                 return
             self.journal.plan_deliveries(row.id, plan)
-            row = self.journal.file_by_id(row.id) or row
+            row.state, row.reason = "delivering", None  # what plan_deliveries wrote
             retry = (route.retry.base or self.settings.retry_base,
                      route.retry.cap or self.settings.retry_cap,
                      route.retry.max_attempts or self.settings.retry_max_attempts)
@@ -187,7 +187,8 @@ class Engine(Evaluation):
             return Outcome("retry_wait", f"destination {dname} backed off (circuit open)",
                            max(breaker.open_until, time.time() + 1.0))
         outcome = await deliver_to(self.journal, self.dests[dname], row, route, src.path,
-                                   members, marker, retry, self.settings.progress_interval)
+                                   members, marker, retry, self.settings.progress_interval,
+                                   rows)
         if outcome.state in ("delivered", "retry_wait", "failed"):
             was_open = breaker.is_open
             if breaker.record(outcome.state == "delivered"):
@@ -204,7 +205,10 @@ class Engine(Evaluation):
         states = {o.state for o in outcomes}
         j = self.journal
         if states == {"delivered"}:
-            j.update_file(row.id, state="delivered", reason=None)
+            if route.then != "keep":
+                # With 'keep', _finish writes 'done' in the same group transaction at
+                # once (no await in between): 'delivered' would never be seen.
+                j.update_file(row.id, state="delivered", reason=None)
             if row.ready_at:
                 METRICS.signal_latency.labels(route.name).observe(time.time() - row.ready_at)
             return True

@@ -15,7 +15,7 @@ import time
 from collections.abc import Coroutine
 from typing import Any
 
-from relay.journal import Journal
+from relay.journal import FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS
 from relay.paths import compile_glob
@@ -227,6 +227,14 @@ class Evaluation:
         self._apply(src, route, key, bev.verdict, bev.reason, bev.fingerprint,
                     f"{rel}/{src.ready.directory_marker}", None)
 
+    def _write(self, row: FileRow | None, key: Key, source: str, **fields: Any) -> int:
+        """Record a verdict: update ``row``, or insert the file with it. Its id."""
+        if row is not None:
+            self.journal.update_file(row.id, **fields)
+            return row.id
+        _, kind, rel = key
+        return self.journal.upsert_file(source, rel, kind, **fields).id
+
     def _apply(self, src: SourceRule, route: Route, key: Key, verdict: str, reason: str,
                fp: str, sig: str | None, declared: Declared | None) -> None:
         _, kind, rel = key
@@ -247,7 +255,7 @@ class Evaluation:
             self._wake.set()
             return
         if row is None:
-            row = j.upsert_file(src.name, rel, kind, route=route.name, state="seen")
+            # Inserted below with its first verdict: one write, not 'seen' then another.
             METRICS.files_seen.labels(route.name).inc()
             log.info("file_seen", file=rel, source=src.name, route=route.name, kind=kind)
         elif row.fingerprint == fp and row.state != "seen":
@@ -269,19 +277,20 @@ class Evaluation:
             return
         now = time.time()
         if verdict in ("waiting", "invalid"):
-            j.update_file(row.id, state="waiting", reason=reason, fingerprint=fp, signal=sig,
-                          route=route.name, waiting_since=row.waiting_since or now)
-            if self._last_reason.get(row.id) != reason:
-                self._last_reason[row.id] = reason
+            file_id = self._write(row, key, src.name, state="waiting", reason=reason,
+                                  fingerprint=fp, signal=sig, route=route.name,
+                                  waiting_since=(row.waiting_since if row else None) or now)
+            if self._last_reason.get(file_id) != reason:
+                self._last_reason[file_id] = reason
                 log.info("file_waiting", file=rel, source=src.name, route=route.name,
                          reason=reason, invalid=verdict == "invalid")
             return
-        j.update_file(row.id, state="ready", reason=reason, fingerprint=fp, signal=sig,
-                      route=route.name, ready_at=now,
-                      declared_algo=declared.algo if declared else None,
-                      declared_digest=declared.hexdigest if declared else None)
-        self._last_reason.pop(row.id, None)
+        file_id = self._write(row, key, src.name, state="ready", reason=reason, fingerprint=fp,
+                              signal=sig, route=route.name, ready_at=now,
+                              declared_algo=declared.algo if declared else None,
+                              declared_digest=declared.hexdigest if declared else None)
+        self._last_reason.pop(file_id, None)
         METRICS.files_ready.labels(route.name).inc()
         log.info("file_ready", file=rel, source=src.name, route=route.name, signal=sig,
                  declared=declared.hexdigest if declared else None)
-        self._start_job(row.id)
+        self._start_job(file_id)

@@ -201,7 +201,7 @@ def test_a_name_that_is_not_utf8_round_trips_as_its_bytes(tmp_path: Path) -> Non
         j.plan_deliveries(row.id, [(NOT_UTF8, "o", f"out/{NOT_UTF8}")])
         [d] = j.deliveries(row.id)
         assert (d.member, d.target) == (NOT_UTF8, f"out/{NOT_UTF8}")
-        j.mark_delivered(d, "r", "0" * 64)
+        j.mark_delivered(d, "0" * 64)
         assert j.already_delivered("r", "o", NOT_UTF8, "0" * 64)
         j.upsert_file("in", "café.csv", "file", route="r")
         stored = j.db.execute("SELECT rel, typeof(rel) FROM files ORDER BY id").fetchall()

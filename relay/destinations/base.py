@@ -89,6 +89,11 @@ class Destination(Protocol):
     async def put_signal(self, target: str, data: bytes) -> None:
         """Write a small file at ``target`` via temporary name + atomic rename."""
 
+    async def publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
+        """``finish_commit`` then ``put_signal`` for each (name, content) in order, as
+        one call (local folders: one worker hop). False, with nothing written, if
+        neither ``tmp`` nor ``target`` exists."""
+
     async def has_identical(self, target: str, data: bytes) -> bool:
         """Is ``target`` already a regular file holding exactly ``data``? (Recovery asks
         before rewriting a signal, so downstream watchers are not woken twice.)"""

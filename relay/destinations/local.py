@@ -325,6 +325,22 @@ class LocalDestination:
     async def put_signal(self, target: str, data: bytes) -> None:
         await asyncio.to_thread(self._put_small, target, data)
 
+    async def publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
+        def _publish() -> bool:
+            tmp_path, target_path = self._paths(tmp, target)
+            try:
+                self._rename_paths(tmp_path, target_path, target)
+            except RetryableError as exc:
+                if not isinstance(exc.__cause__, FileNotFoundError):
+                    raise
+                if not target_path.exists():  # a retry: renamed before, or truly gone
+                    return False
+            for name, data in signals:
+                self._put_small(name, data)
+            return True
+
+        return await asyncio.to_thread(_publish)
+
     def _put_small(self, target: str, data: bytes) -> None:
         tmp = temp_name(self.rule, target)
         tmp_path, target_path = self._paths(tmp, target)

@@ -395,6 +395,17 @@ class SftpDestination:
                 return True
             return bool(await sftp.exists(self._path(target)))
 
+    async def publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
+        async with self._op(f"renaming onto {target}") as (_, sftp):
+            try:  # just staged: rename at once (no exists() round trip first)
+                await self._rename(sftp, tmp, target)
+            except asyncssh.SFTPNoSuchFile:
+                if not await sftp.exists(self._path(target)):
+                    return False
+        for name, data in signals:
+            await self.put_signal(name, data)
+        return True
+
     async def put_signal(self, target: str, data: bytes) -> None:
         tmp = temp_name(self.rule, target)
         async with self._op(f"writing signal {target}") as (s, sftp):
