@@ -66,8 +66,12 @@ class HashPipe:
     order of ``give`` calls is the order of hashing.
     """
 
-    def __init__(self, mh: MultiHash, buffers: int = 4, size: int = 4 * CHUNK) -> None:
+    def __init__(self, mh: MultiHash, buffers: int = 4, size: int = 4 * CHUNK,
+                 after: Callable[[int], None] | None = None) -> None:
+        """``after(bytes hashed so far)`` runs on the helper thread after each buffer."""
         self.mh = mh
+        self._after = after
+        self._done = 0
         self._free: queue.Queue[bytearray] = queue.Queue()
         for _ in range(buffers):
             self._free.put(bytearray(size))
@@ -82,6 +86,9 @@ class HashPipe:
             try:
                 if self._error is None:
                     self.mh.update(memoryview(buf)[:n])
+                    self._done += n
+                    if self._after is not None:
+                        self._after(self._done)
             except BaseException as exc:  # surfaced by close()
                 self._error = exc
             self._free.put(buf)

@@ -26,6 +26,7 @@ from relay.errors import (
 )
 from relay.hashing import CHUNK, HashPipe, MultiHash
 from relay.rules import DestinationRule
+from relay.writeback import Writeback
 
 __all__ = ["LocalDestination", "file_url_root"]
 
@@ -215,6 +216,11 @@ class LocalDestination:
         progress(total)
         return total, digests
 
+    def _writeback(self, fd: int) -> Writeback | None:
+        """Start writing hashed windows to disk during the copy (the fsync that follows
+        then waits for the tail only); pointless when the route does not fsync."""
+        return Writeback(fd) if self.rule.fsync else None
+
     @staticmethod
     def _write_all(fd: int, chunk: memoryview) -> None:
         written = 0
@@ -227,7 +233,7 @@ class LocalDestination:
         hash *what landed in the temporary* — read back from the page cache, one step
         behind the copy, on another core. The digest therefore describes the destination
         bytes themselves, which is what the rename publishes."""
-        pipe = HashPipe(mh)
+        pipe = HashPipe(mh, after=self._writeback(fd_dst))
         total, next_report = 0, _PROGRESS_EVERY
         try:
             while True:
@@ -256,7 +262,7 @@ class LocalDestination:
     def _copy_pipelined(self, fd_src: int, fd_dst: int, mh: MultiHash,
                         progress: Progress) -> tuple[int, dict[str, str]]:
         """Large files: one read, and the hash overlapped with the write on another core."""
-        pipe = HashPipe(mh)
+        pipe = HashPipe(mh, after=self._writeback(fd_dst))
         total, next_report = 0, _PROGRESS_EVERY
         try:
             while True:
