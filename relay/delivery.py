@@ -25,6 +25,7 @@ from relay.errors import (
     RetryableError,
     SourceChanged,
     SourceVanished,
+    TransferError,
 )
 from relay.journal import Delivery, FileRow, Journal
 from relay.logs import get_logger
@@ -136,11 +137,22 @@ async def deliver_to(
                     continue
                 current = d
                 assert d.tmp is not None and d.sha256 is not None
-                if not await dest.publish(d.target, d.tmp,
-                                          _signals(route, d.target, d.sha256)):
+                try:
+                    published_ok = await dest.publish(d.target, d.tmp,
+                                                      _signals(route, d.target, d.sha256))
+                except RetryableError:
+                    await _note_renamed(journal, dest, d)
+                    raise
+                if not published_ok:
                     raise RetryableError(f"temporary {d.tmp} vanished before rename")
                 published.add(d.id)
                 done.append(d)
+        if batch_marker is not None and any(d.state == "renaming" for d in todo):
+            # This generation's marker is written only after its last rename, so a marker
+            # there now is an earlier generation's (or a stranger's): take it down before
+            # any member is replaced, so no consumer trusts a mix of old and new members,
+            # and so the new marker is a new file (a new event for downstream watchers).
+            await dest.discard(batch_marker)
         # 2. rename every (other) staged member onto its final name
         for d in todo:
             if d.state != "renaming" or d.id in published:
@@ -162,6 +174,9 @@ async def deliver_to(
                     await _put_signal(dest, target, body, d.id in resumed)
             done.append(d)
         if batch_marker is not None and done:
+            # Every member 'signalling' before the marker exists: a marker found while a
+            # member is still 'renaming' is then surely an earlier generation's (above).
+            await journal.durable()
             await _put_signal(dest, batch_marker, b"", bool(resumed))
         for d in done:
             assert d.sha256 is not None
@@ -193,6 +208,16 @@ async def deliver_to(
         return Outcome("failed", str(exc))
     except RetryableError as exc:
         return _retry_or_fail(journal, dest, row, route, current, str(exc), retry)
+
+
+async def _note_renamed(journal: Journal, dest: Destination, d: Delivery) -> None:
+    """After ``publish`` failed: if the payload is in place (the signals failed), say so
+    in the journal ('signalling'), so status and the retry start from there."""
+    assert d.tmp is not None
+    with contextlib.suppress(TransferError):
+        if await dest.finish_commit(d.target, d.tmp):
+            journal.update_delivery(d.id, state="signalling")
+            d.state = "signalling"
 
 
 def _retry_or_fail(journal: Journal, dest: Destination, row: FileRow, route: Route,

@@ -165,8 +165,17 @@ class GroupCommit:
             self._wake(self._synced)
 
     def _start_sync(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # a group left open by an ended loop, committed outside one
+            if self._synced < self._committed:
+                self._sync_wal()
+                self._synced = self._committed
+            return
+        if self._syncer is not None and self._syncer.get_loop() is not loop:
+            self._syncer = None  # left behind by a loop that has ended (tests, the CLI)
         if self._syncer is None and self._synced < self._committed:
-            self._syncer = asyncio.get_running_loop().create_task(self._sync_loop())
+            self._syncer = loop.create_task(self._sync_loop())
 
     async def _sync_loop(self) -> None:
         try:

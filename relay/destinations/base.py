@@ -99,7 +99,8 @@ class Destination(Protocol):
         before rewriting a signal, so downstream watchers are not woken twice.)"""
 
     async def discard(self, tmp: str) -> None:
-        """Remove a temporary; no error if it does not exist."""
+        """Remove a temporary (or an earlier generation's batch marker); no error if it
+        does not exist."""
 
 
 def open_destination(rule: DestinationRule, secrets_dir: Path | None = None) -> Destination:
