@@ -124,8 +124,15 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
     names = ["relay (delivery)", "relay (verify + delivery)", "relay (--once, whole process)",
              "sftp -b", "sftp -b (gcm)", "sftp -b -f (flush)", "scp"]
     times: dict[str, list[float]] = {n: [] for n in names}
+    contenders = names[2:]
     for i in range(runs):
-        for name in names[2:]:  # interleaved, so load changes hit every contender alike
+        # Interleaved, so load changes hit every contender alike, in an order rotated each
+        # round: the server's disk alternates fast and slow write turns (README), and a
+        # fixed order would give one contender the slow turn every time. sync first, so
+        # nobody pays for the previous contender's unflushed writes (`sftp -b` does not
+        # fsync).
+        for name in contenders[i % len(contenders):] + contenders[:i % len(contenders)]:
+            os.sync()
             out = s.root / f"large-{i}-{name.split()[0]}-{len(times[name])}"
             out.mkdir()
             if name.startswith("relay"):
