@@ -3,6 +3,9 @@
     staging(tmp) → [stage: stream+hash → flush] → renaming(sha256) → [commit: rename]
     → signalling → [signals, batch marker last] → delivered (+ history row)
 
+A single file goes from renaming to delivered with one ``publish`` call (rename, then its
+signals); a batch journals signalling after its renames, durably before its marker.
+
 A crash at any point leaves a journal state that says exactly what to redo
 (:func:`recover`). The content identity is the sha256 computed while streaming; a
 declared digest that differs sends the file back to waiting (DigestMismatch).
