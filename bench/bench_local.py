@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 import yaml
+from results_file import save
 
 HERE = Path(__file__).resolve().parent
 
@@ -316,8 +317,7 @@ def main() -> int:
           f"{result['loadavg_after']}")
     print(json.dumps(result, indent=2))
     if not a.no_save and not a.quick and only == {"large", "small", "latency"}:
-        out = HERE / "results" / f"local-{dt.date.today().isoformat()}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        out = save("local", result)
         print(f"saved {out}")
     return 0
 

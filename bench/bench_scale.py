@@ -32,6 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_local import _env, _rules, machine  # noqa: E402
+from results_file import save  # noqa: E402
 
 
 def _run_measured(root: Path, rules: Path, **extra: str) -> tuple[float, int, Path]:
@@ -141,8 +142,7 @@ def main() -> int:
     print(f"{'big: peak RSS':<48} {g['peak_rss_mib']:>16} MiB")
     print(json.dumps(result, indent=2))
     if not a.no_save and not a.quick:
-        path = HERE / "results" / f"scale-{dt.date.today().isoformat()}.json"
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        path = save("scale", result)
         print(f"saved {path}")
     return 0
 

@@ -43,6 +43,8 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from results_file import save  # noqa: E402
+
 from tests.sshd_server import Sshd, running_sshd  # noqa: E402
 
 GCM = "aes128-gcm@openssh.com"
@@ -296,8 +298,7 @@ def main() -> int:
     _table(result)
     print(json.dumps(result, indent=2))
     if not a.no_save and not a.quick:
-        out = HERE / "results" / f"sftp-{dt.date.today().isoformat()}.json"
-        out.write_text(json.dumps(result, indent=2) + "\n")
+        out = save("sftp", result)
         print(f"saved {out}")
     return 0
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -29,3 +31,17 @@ def test_bench_scale_quick_runs_and_reports() -> None:
     assert b["files"] == 300
     assert 0 < b["first_delivery_s"] <= b["last_delivery_s"]
     assert b["peak_rss_mib"] > 10 and data["big"]["peak_rss_mib"] > 10
+
+
+def test_a_second_result_of_the_same_day_never_overwrites_the_first(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results are committed: a second run the same day is saved beside the first."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import results_file
+
+    monkeypatch.setattr(results_file, "RESULTS", tmp_path)
+    paths = [results_file.save("local", {"run": i}) for i in range(3)]
+    assert [p.name.split("-", 1)[0] for p in paths] == ["local"] * 3
+    assert len(set(paths)) == 3 and paths[1].stem.endswith("-2")
+    assert paths[2].stem.endswith("-3")
+    assert [json.loads(p.read_text())["run"] for p in paths] == [0, 1, 2]
