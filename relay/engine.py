@@ -163,7 +163,9 @@ class Engine(Evaluation):
                 self._quarantine(row, route, f"unsafe destination path: {exc}")
                 return
             self.journal.plan_deliveries(row.id, plan)
-            row.state, row.reason = "delivering", None  # what plan_deliveries wrote
+            if row.state != "delivering":  # what plan_deliveries wrote
+                row.reason = None
+            row.state = "delivering"
             retry = (route.retry.base or self.settings.retry_base,
                      route.retry.cap or self.settings.retry_cap,
                      route.retry.max_attempts or self.settings.retry_max_attempts)

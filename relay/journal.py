@@ -284,8 +284,10 @@ class Journal(GroupCommit):
                 "INSERT OR IGNORE INTO deliveries(file_id, member, destination, target, state,"
                 " updated_at) VALUES (?,?,?,?, 'pending', ?)",
                 [(file_id, m, d, t, now) for m, d, t in plan])
-            db.execute("UPDATE files SET state='delivering', reason=NULL, updated_at=? "
-                       "WHERE id=?", (now, file_id))
+            # The readiness reason goes; a retry's reason ("disk full") stays visible in
+            # `relay status` while the next attempt runs.
+            db.execute("UPDATE files SET reason=CASE WHEN state='delivering' THEN reason END,"
+                       " state='delivering', updated_at=? WHERE id=?", (now, file_id))
 
     def deliveries(self, file_id: int | None = None, *states: str) -> list[Delivery]:
         q, args = f"SELECT {_DELIVERY_COLS} FROM deliveries WHERE 1=1", list[object]()

@@ -226,3 +226,22 @@ def test_a_journal_written_before_names_were_adapted_is_read_unchanged(tmp_path:
         assert [r.rel for r in j.files("done")] == ["ünï.csv"]
     finally:
         j.close()
+
+
+def test_a_retry_keeps_its_reason_visible_while_the_next_attempt_runs(tmp_path: Path) -> None:
+    """Planning the first attempt drops the readiness reason; planning a retry keeps the
+    last error ("disk full") for `relay status` until the attempt ends."""
+    j = Journal(tmp_path / "j.sqlite3")
+    try:
+        row = j.upsert_file("in", "a.csv", "file", route="r", state="ready",
+                            reason="sidecar a.csv.sha256")
+        j.plan_deliveries(row.id, [("a.csv", "o", "a.csv")])
+        first = j.file_by_id(row.id)
+        assert first is not None and (first.state, first.reason) == ("delivering", None)
+        j.update_file(row.id, reason="staging a.csv: disk full")
+        j.plan_deliveries(row.id, [("a.csv", "o", "a.csv")])
+        again = j.file_by_id(row.id)
+        assert again is not None
+        assert (again.state, again.reason) == ("delivering", "staging a.csv: disk full")
+    finally:
+        j.close()
