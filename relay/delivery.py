@@ -26,9 +26,9 @@ from relay.errors import (
     DigestMismatch,
     PermanentError,
     RetryableError,
+    SignalFailed,
     SourceChanged,
     SourceVanished,
-    TransferError,
 )
 from relay.journal import Delivery, FileRow, Journal
 from relay.logs import get_logger
@@ -143,8 +143,10 @@ async def deliver_to(
                 try:
                     published_ok = await dest.publish(d.target, d.tmp,
                                                       _signals(route, d.target, d.sha256))
-                except RetryableError:
-                    await _note_renamed(journal, dest, d)
+                except SignalFailed:
+                    # The payload is in place: what is left is the signals (status, retry).
+                    journal.update_delivery(d.id, state="signalling")
+                    d.state = "signalling"
                     raise
                 if not published_ok:
                     raise RetryableError(f"temporary {d.tmp} vanished before rename")
@@ -211,16 +213,6 @@ async def deliver_to(
         return Outcome("failed", str(exc))
     except RetryableError as exc:
         return _retry_or_fail(journal, dest, row, route, current, str(exc), retry)
-
-
-async def _note_renamed(journal: Journal, dest: Destination, d: Delivery) -> None:
-    """After ``publish`` failed: if the payload is in place (the signals failed), say so
-    in the journal ('signalling'), so status and the retry start from there."""
-    assert d.tmp is not None
-    with contextlib.suppress(TransferError):
-        if await dest.finish_commit(d.target, d.tmp):
-            journal.update_delivery(d.id, state="signalling")
-            d.state = "signalling"
 
 
 def _retry_or_fail(journal: Journal, dest: Destination, row: FileRow, route: Route,

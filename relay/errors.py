@@ -86,5 +86,10 @@ class SourceChanged(RetryableError):
     """The source changed while it was being copied: what was staged is thrown away."""
 
 
+class SignalFailed(RetryableError):
+    """The payload is in place under its final name; writing a downstream signal failed
+    (what is left to redo is the signals only)."""
+
+
 class PermanentError(TransferError):
     """Retrying cannot help without an operator (refused host key, bad login, …)."""

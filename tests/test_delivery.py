@@ -8,6 +8,7 @@ from pathlib import Path
 
 from relay.delivery import Member, deliver_to
 from relay.destinations.local import LocalDestination
+from relay.errors import RetryableError
 from relay.journal import Journal
 from relay.rules import DestinationRule, Route
 
@@ -69,5 +70,52 @@ def test_a_redelivered_batch_takes_the_old_marker_down_before_any_member_changes
             assert dest.marker_seen_at_rename == [], "old _SUCCESS visible during renames"
             assert (out / "b/_SUCCESS").stat().st_ino != first_marker
         assert (out / "b/_SUCCESS").read_bytes() == b""
+    finally:
+        journal.close()
+
+
+class NoRoomForSignals(LocalDestination):
+    """Renames work; writing a signal fails as a full disk would, until ``room``."""
+
+    room = False
+
+    def _put_small(self, target: str, data: bytes) -> None:
+        if not self.room:
+            raise RetryableError(f"writing signal {target}: disk full")
+        super()._put_small(target, data)
+
+
+def test_a_signal_that_cannot_be_written_leaves_the_delivery_signalling(
+        tmp_path: Path) -> None:
+    """The payload renamed, its sidecar refused: the journal says 'signalling' at once (so
+    `relay status` and the retry start from the signals), the payload is in place without
+    a signal, and the retry writes the signal without touching the payload."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    (src / "p.csv").write_bytes(b"payload")
+    dest = NoRoomForSignals(DestinationRule(name="o", url=f"file://{out}"))
+    journal = Journal(tmp_path / "j.sqlite3")
+    try:
+        row = journal.upsert_file("in", "p.csv", "file", route="r", state="ready")
+        journal.plan_deliveries(row.id, [("p.csv", "o", "p.csv")])
+
+        async def attempt() -> str:
+            outcome = await deliver_to(journal, dest, row, ROUTE, src,
+                                       [Member("p.csv", None)], None, RETRY, 60.0)
+            return outcome.state
+
+        assert asyncio.run(attempt()) == "retry_wait"
+        [d] = journal.deliveries(row.id)
+        assert d.state == "signalling" and d.last_error is not None
+        assert "disk full" in d.last_error
+        assert (out / "p.csv").read_bytes() == b"payload"
+        assert not (out / "p.csv.sha256").exists()
+        inode = (out / "p.csv").stat().st_ino
+        dest.room = True
+        assert asyncio.run(attempt()) == "delivered"
+        assert (out / "p.csv").stat().st_ino == inode
+        assert (out / "p.csv.sha256").read_text() == \
+            f"{hashlib.sha256(b'payload').hexdigest()}  p.csv\n"
     finally:
         journal.close()

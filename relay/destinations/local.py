@@ -20,6 +20,7 @@ from relay.destinations.base import Progress, Staged, temp_name
 from relay.errors import (
     PermanentError,
     RetryableError,
+    SignalFailed,
     SourceVanished,
     TransferError,
     UnsafePathError,
@@ -341,8 +342,11 @@ class LocalDestination:
                     raise
                 if not target_path.exists():  # a retry: renamed before, or truly gone
                     return False
-            for name, data in signals:
-                self._put_small(name, data)
+            try:
+                for name, data in signals:
+                    self._put_small(name, data)
+            except RetryableError as exc:
+                raise SignalFailed(str(exc)) from exc
             return True
 
         return await asyncio.to_thread(_publish)

@@ -44,7 +44,7 @@ from relay.destinations.base import Progress, Staged, temp_name
 from relay.destinations.sftp_io import hash_prefix, read_hash, upload
 from relay.destinations.sftp_probe import probe
 from relay.destinations.sftp_session import Session, parse_sftp_url, unsupported
-from relay.errors import PermanentError, RetryableError, SourceVanished
+from relay.errors import PermanentError, RetryableError, SignalFailed, SourceVanished
 from relay.hashing import MultiHash
 from relay.logs import get_logger
 from relay.rules import DestinationRule
@@ -402,8 +402,11 @@ class SftpDestination:
             except asyncssh.SFTPNoSuchFile:
                 if not await sftp.exists(self._path(target)):
                     return False
-        for name, data in signals:
-            await self.put_signal(name, data)
+        try:
+            for name, data in signals:
+                await self.put_signal(name, data)
+        except RetryableError as exc:
+            raise SignalFailed(str(exc)) from exc
         return True
 
     async def put_signal(self, target: str, data: bytes) -> None:
