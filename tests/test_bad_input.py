@@ -683,10 +683,17 @@ def test_destination_disk_full_cleans_the_partial_and_delivers_after_space_is_fr
                      >= 3, 30, "three disk-full retries")
             drop(src, "small.bin", b"small")
             wait_for(lambda: (out / "small.bin.sha256").exists(), 30, "small file delivered")
-            st = listed(status(tmp_path, rules), "delivering")["big.bin"]
+
+            def between_attempts() -> Any:
+                # Retries come every 0.3 s at most here: a snapshot taken while an attempt
+                # runs rightly has no next_try_at; look again until one falls between.
+                st = listed(status(tmp_path, rules), "delivering")["big.bin"]
+                return st if st["deliveries"][0]["next_try_at"] else None
+
+            st = wait_for(between_attempts, 30, "status between two attempts")
             assert "disk full" in st["reason"]
             d = st["deliveries"][0]
-            assert d["attempt"] >= 3 and "disk full" in d["error"] and d["next_try_at"]
+            assert d["attempt"] >= 3 and "disk full" in d["error"]
             wait_for(lambda: not (out / ".big.bin.tmp").exists(), 10, "partial removed")
             assert os.statvfs(out).f_bfree >= free - 16  # only small.bin and its sidecar
             assert (src / "big.bin").read_bytes() == big and alive(relay)
