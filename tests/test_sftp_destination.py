@@ -352,6 +352,30 @@ def test_without_posix_rename_fail_policy_keeps_old(tmp_path: Path,
     assert (faulty.root / "t").read_bytes() == b"old"
 
 
+@pytest.mark.parametrize("posix", [True, False])
+def test_a_missing_temporary_never_costs_the_file_in_place(
+        faulty: FaultServer, posix: bool) -> None:
+    """publish and finish_commit rename at once; when the temporary is gone they report
+    whether the final name holds a file, and never remove it — also without posix-rename,
+    where replacing means removing the old file first."""
+    faulty.faults.no_posix_rename = not posix
+    (faulty.root / "t").write_bytes(b"in place")
+    dest = SftpDestination(fault_rule(faulty))
+
+    async def go() -> tuple[bool, bool, bool]:
+        try:
+            return (await dest.publish("t", ".t.tmp", [("t.sha256", b"x  t\n")]),
+                    await dest.finish_commit("t", ".t.tmp"),
+                    await dest.publish("u", ".u.tmp", []))
+        finally:
+            await dest.close()
+
+    assert asyncio.run(go()) == (True, True, False)
+    assert (faulty.root / "t").read_bytes() == b"in place"
+    assert (faulty.root / "t.sha256").read_bytes() == b"x  t\n"
+    assert not (faulty.root / "u").exists()
+
+
 def test_concurrency_limit_honoured(tmp_path: Path, faulty: FaultServer) -> None:
     """With concurrency 3, never more than 3 files are open on the server at once, and all
     40 go over one connection."""

@@ -374,6 +374,11 @@ class SftpDestination:
             await sftp.rename(src, dst)
             return
         except asyncssh.SFTPError:
+            # Replace by remove + rename only when that is what failed: our temporary is
+            # there and so is an old file (removing it for a missing temporary would lose
+            # it). A server may report "exists" before it looks for the source.
+            if not await sftp.exists(src):
+                raise asyncssh.SFTPNoSuchFile(f"{tmp} does not exist") from None
             if not await sftp.exists(dst):
                 raise
         if self.rule.overwrite == "fail":
@@ -388,20 +393,23 @@ class SftpDestination:
         async with self._op(f"renaming onto {staged.target}") as (_, sftp):
             await self._rename(sftp, staged.tmp, staged.target)
 
+    async def _commit(self, sftp: asyncssh.SFTPClient, tmp: str, target: str) -> bool:
+        """Rename at once (no exists() round trip first); if the temporary is gone (renamed
+        before a crash, or removed): whether the final name holds a file."""
+        try:
+            await self._rename(sftp, tmp, target)
+        except asyncssh.SFTPNoSuchFile:
+            return bool(await sftp.exists(self._path(target)))
+        return True
+
     async def finish_commit(self, target: str, tmp: str) -> bool:
         async with self._op(f"renaming onto {target}") as (_, sftp):
-            if await sftp.exists(self._path(tmp)):
-                await self._rename(sftp, tmp, target)
-                return True
-            return bool(await sftp.exists(self._path(target)))
+            return await self._commit(sftp, tmp, target)
 
     async def publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
         async with self._op(f"renaming onto {target}") as (_, sftp):
-            try:  # just staged: rename at once (no exists() round trip first)
-                await self._rename(sftp, tmp, target)
-            except asyncssh.SFTPNoSuchFile:
-                if not await sftp.exists(self._path(target)):
-                    return False
+            if not await self._commit(sftp, tmp, target):
+                return False
         try:
             for name, data in signals:
                 await self.put_signal(name, data)
