@@ -81,8 +81,8 @@ class _Daemon:
     sidecar's arrival to the downstream sidecar, without the interpreter's start-up that
     ``relay run --once`` pays each time (an operator runs the daemon)."""
 
-    def __init__(self, work: Path) -> None:
-        self.src, self.out, root = work / "d-src", work / "d-out", work / "d-root"
+    def __init__(self, work: Path, name: str = "d") -> None:
+        self.src, self.out, root = work / f"{name}-src", work / f"{name}-out", work / name
         for p in (self.src, self.out, root):
             p.mkdir()
         self.log = log = root / "relay.log"
@@ -211,19 +211,8 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
 
 
 def latency(work: Path, samples: int) -> dict[str, object]:
-    src, out, root = work / "lat-src", work / "lat-out", work / "lat"
-    for p in (src, out, root):
-        p.mkdir()
-    rules = _rules(root, src, out)
-    log = root / "relay.log"
-    with open(log, "wb") as logf:  # a file, not a pipe: an unread pipe would stall relay
-        proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "run"],
-                                env=_env(root, rules, RELAY_LOG_LEVEL="info"), stdout=logf)
-    deadline = time.perf_counter() + 30
-    while b"relay_started" not in log.read_bytes():  # wait until it watches
-        if time.perf_counter() > deadline or proc.poll() is not None:
-            raise RuntimeError("relay did not start")
-        time.sleep(0.01)
+    daemon = _Daemon(work, "lat")
+    src, out = daemon.src, daemon.out
     lat: list[float] = []
     try:
         for i in range(samples):
@@ -239,8 +228,7 @@ def latency(work: Path, samples: int) -> dict[str, object]:
                 time.sleep(0.0005)
             lat.append(time.perf_counter() - t0)
     finally:
-        proc.terminate()
-        proc.wait(30)
+        daemon.stop()
     lat.sort()
     return {"samples": samples, "p50_ms": round(lat[len(lat) // 2] * 1000, 2),
             "p99_ms": round(lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000, 2),

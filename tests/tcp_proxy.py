@@ -22,31 +22,27 @@ import random
 import threading
 import time
 from types import TracebackType
+from typing import Self
 
 __all__ = ["ChaosProxy", "TcpProxy"]
 
 _CHUNK = 64 * 1024
 
 
-class TcpProxy:
-    def __init__(self, target_host: str, target_port: int, *, cut_after: int | None = None,
-                 rate: float | None = None) -> None:
-        self.target = (target_host, target_port)
-        self.cut_after = cut_after
-        self.rate = rate
-        self.host = "127.0.0.1"
+class _ServerThread:
+    """A server on 127.0.0.1 (a free port) with its own event loop in a thread, as a
+    context manager. Subclasses bind in ``_start`` and close everything in ``_stop``."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, name: str) -> None:
         self.port = 0
-        self.connections = 0
-        self.cuts = 0
-        self.bytes_up = 0    # client → server, every connection
-        self.bytes_down = 0  # server → client
         self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="tcp-proxy", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = threading.Event()
         self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
 
-    def __enter__(self) -> TcpProxy:
+    def __enter__(self) -> Self:
         self._thread.start()
         if not self._started.wait(10):
             raise RuntimeError("proxy did not start")
@@ -59,6 +55,32 @@ class TcpProxy:
         self._thread.join(10)
         self._loop.close()
 
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start())
+        self._started.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _stop(self) -> None:
+        raise NotImplementedError
+
+
+class TcpProxy(_ServerThread):
+    def __init__(self, target_host: str, target_port: int, *, cut_after: int | None = None,
+                 rate: float | None = None) -> None:
+        super().__init__("tcp-proxy")
+        self.target = (target_host, target_port)
+        self.cut_after = cut_after
+        self.rate = rate
+        self.connections = 0
+        self.cuts = 0
+        self.bytes_up = 0    # client → server, every connection
+        self.bytes_down = 0  # server → client
+        self._writers: set[asyncio.StreamWriter] = set()
+
     def cut(self) -> None:
         """Abort every open connection (both sides) now; later ones pass untouched."""
         def _abort() -> None:
@@ -68,12 +90,6 @@ class TcpProxy:
                 w.transport.abort()
 
         self._loop.call_soon_threadsafe(_abort)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._start())
-        self._started.set()
-        self._loop.run_forever()
 
     async def _start(self) -> None:
         self._server = await asyncio.start_server(self._handle, self.host, 0)
@@ -251,7 +267,7 @@ class _ChaosConn:
             p.conns.discard(self)
 
 
-class ChaosProxy:
+class ChaosProxy(_ServerThread):
     """A loopback TCP proxy that, while chaos runs, at random instants cuts every open
     connection (abort both sides), stalls them (forwards nothing in either direction for
     a while, without closing; a side that gives up meanwhile gets the other side reset
@@ -274,12 +290,11 @@ class ChaosProxy:
                  slow_for: tuple[float, float] = (2.0, 6.0),
                  slow_rate: tuple[float, float] = (100e3, 2e6),
                  weights: tuple[float, float, float] = (1, 1, 1)) -> None:
+        super().__init__("chaos-proxy")
         self.target = (target_host, target_port)
         self.rng = random.Random(seed)
         self.interval, self.stall_for, self.slow_for = interval, stall_for, slow_for
         self.slow_rate, self.weights = slow_rate, weights
-        self.host = "127.0.0.1"
-        self.port = 0
         self.connections = 0
         self.cuts = 0            # cut actions that aborted at least one connection
         self.connections_cut = 0
@@ -294,34 +309,15 @@ class ChaosProxy:
         self.rate: float | None = None
         self._rates: list[float] = []
         self.conns: set[_ChaosConn] = set()
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._run, name="chaos-proxy", daemon=True)
-        self._started = threading.Event()
-        self._server: asyncio.Server | None = None
         self._chaos: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._slows: set[asyncio.Future[None]] = set()
         self.flowing = asyncio.Event()
 
-    def __enter__(self) -> ChaosProxy:
-        self._thread.start()
-        if not self._started.wait(10):
-            raise RuntimeError("proxy did not start")
-        return self
-
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop_chaos()
-        asyncio.run_coroutine_threadsafe(self._stop(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(10)
-        self._loop.close()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._start())
-        self._started.set()
-        self._loop.run_forever()
+        super().__exit__(t, e, tb)
 
     async def _start(self) -> None:
         self.flowing.set()

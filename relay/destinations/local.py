@@ -319,29 +319,28 @@ class LocalDestination:
                 if src.parent != dst.parent:
                     _fsync_dir(src.parent)
 
-    async def finish_commit(self, target: str, tmp: str) -> bool:
-        def _finish() -> bool:
-            tmp_path, target_path = self._paths(tmp, target)
-            if tmp_path.exists():
-                self._rename_paths(tmp_path, target_path, target)
-                return True
+    def _commit(self, tmp: str, target: str) -> bool:
+        """Rename at once (no exists() first); if the temporary is gone (renamed before a
+        crash, or removed): whether the final name holds a file."""
+        tmp_path, target_path = self._paths(tmp, target)
+        try:
+            self._rename_paths(tmp_path, target_path, target)
+        except RetryableError as exc:
+            if not isinstance(exc.__cause__, FileNotFoundError):
+                raise
             return target_path.exists()
+        return True
 
-        return await asyncio.to_thread(_finish)
+    async def finish_commit(self, target: str, tmp: str) -> bool:
+        return await asyncio.to_thread(self._commit, tmp, target)
 
     async def put_signal(self, target: str, data: bytes) -> None:
         await asyncio.to_thread(self._put_small, target, data)
 
     async def publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
         def _publish() -> bool:
-            tmp_path, target_path = self._paths(tmp, target)
-            try:
-                self._rename_paths(tmp_path, target_path, target)
-            except RetryableError as exc:
-                if not isinstance(exc.__cause__, FileNotFoundError):
-                    raise
-                if not target_path.exists():  # a retry: renamed before, or truly gone
-                    return False
+            if not self._commit(tmp, target):
+                return False
             try:
                 for name, data in signals:
                     self._put_small(name, data)
