@@ -11,7 +11,6 @@ file durable. Not in the os module, so reached through libc; a no-op where missi
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 from collections.abc import Callable
 
 __all__ = ["WINDOW", "Writeback"]
@@ -22,8 +21,9 @@ _SYNC_FILE_RANGE_WRITE = 2
 
 def _libc_call() -> Callable[[int, int, int, int], int] | None:
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sync_file_range
+        # The process's own symbols (libc among them): ctypes.util.find_library would
+        # run ldconfig in a subprocess, ~30 ms of every start-up.
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
     except (OSError, AttributeError):
         return None
     fn.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
