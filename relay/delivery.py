@@ -305,7 +305,8 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
         await dest.discard(staged.tmp)
         raise DigestMismatch(row.sha256, sha)
     if row.kind == "file" and not row.sha256:
-        journal.update_file(row.id, sha256=sha, size=staged.size)
+        # The journal's copy is written by a trigger when this delivery is journalled
+        # 'renaming' (or 'delivered' below), before anything is published.
         row.sha256 = sha
     if journal.already_delivered(route.name, dest.name, m.rel, sha):
         await dest.discard(staged.tmp)

@@ -23,7 +23,7 @@ from relay.destinations.base import NAME_MAX, Destination, open_destination
 from relay.errors import TransferError, UnsafePathError
 from relay.evaluation import Evaluation, Key, is_ignored
 from relay.hashing import hash_file
-from relay.journal import FileRow, Journal
+from relay.journal import Delivery, FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS
 from relay.paths import render_template, safe_relpath
@@ -162,7 +162,7 @@ class Engine(Evaluation):
             except UnsafePathError as exc:
                 self._quarantine(row, route, f"unsafe destination path: {exc}")
                 return
-            self.journal.plan_deliveries(row.id, plan)
+            planned = self.journal.plan_deliveries(row.id, plan)
             if row.state != "delivering":  # what plan_deliveries wrote
                 row.reason = None
             row.state = "delivering"
@@ -170,15 +170,19 @@ class Engine(Evaluation):
                      route.retry.cap or self.settings.retry_cap,
                      route.retry.max_attempts or self.settings.retry_max_attempts)
             outcomes = await asyncio.gather(*(
-                self._to_dest(row, route, src, members, marker, d, retry) for d in route.to))
+                self._to_dest(row, route, src, members, marker, d, retry, planned)
+                for d in route.to))
             if not self._settle(row, route, key, outcomes):
                 return
         await self._post_action(row, src, route, members)
 
     async def _to_dest(self, row: FileRow, route: Route, src: SourceRule,
                        members: list[Member], marker: str | None, dname: str,
-                       retry: tuple[float, float, int]) -> Outcome:
-        rows = [d for d in self.journal.deliveries(row.id) if d.destination == dname]
+                       retry: tuple[float, float, int],
+                       planned: list[Delivery] | None = None) -> Outcome:
+        """``planned``: the file's delivery rows, when plan_deliveries has just made them."""
+        rows = [d for d in (self.journal.deliveries(row.id) if planned is None else planned)
+                if d.destination == dname]
         due = [d.next_try_at for d in rows if d.state == "retry_wait" and d.next_try_at]
         if due and max(due) > time.time():
             return Outcome("retry_wait", rows[0].last_error, max(due))

@@ -30,6 +30,13 @@ Key = tuple[str, str, str]  # (source, kind "file"|"batch", rel)
 _EVAL_BATCH = 32  # single files whose evidence one worker-thread hop reads
 
 
+class _Unread:
+    """Marks a row argument the caller did not read (None means "no row")."""
+
+
+_UNREAD = _Unread()
+
+
 def is_ignored(src: SourceRule, rel: str) -> bool:
     return any(compile_glob(g).match(rel) for g in src.ignore)
 
@@ -188,14 +195,21 @@ class Evaluation:
                     out.append(exc)
             return out
 
-        for (key, src, route, _), ev in zip(todo, await asyncio.to_thread(gather_all),
-                                            strict=True):
+        evidence = await asyncio.to_thread(gather_all)
+        # The rows of all of them in one statement per source, read after the last await:
+        # nothing else runs until every decision below is applied, so each is exactly the
+        # row _apply would have read itself.
+        rows: dict[str, dict[str, FileRow]] = {}
+        for name in {src.name for _, src, _, _ in todo}:
+            rows[name] = self.journal.get_files(
+                name, [key[2] for key, src, _, _ in todo if src.name == name])
+        for (key, src, route, _), ev in zip(todo, evidence, strict=True):
             if isinstance(ev, Exception):
                 log.error("evaluation_failed", file=key[2], error=str(ev))
                 continue
             try:
                 self._apply(src, route, key, ev.verdict, ev.reason, ev.fingerprint,
-                            ev.signal, ev.declared)
+                            ev.signal, ev.declared, rows[src.name].get(key[2]))
             except Exception as exc:  # one bad file must never stop the others
                 log.exception("evaluation_failed", file=key[2], error=str(exc))
 
@@ -236,10 +250,14 @@ class Evaluation:
         return self.journal.upsert_file(source, rel, kind, **fields).id
 
     def _apply(self, src: SourceRule, route: Route, key: Key, verdict: str, reason: str,
-               fp: str, sig: str | None, declared: Declared | None) -> None:
+               fp: str, sig: str | None, declared: Declared | None,
+               row: FileRow | _Unread | None = _UNREAD) -> None:
+        """Record a verdict. ``row``: the file's journal row, if the caller has just read
+        it (None: there is none)."""
         _, kind, rel = key
         j = self.journal
-        row = j.get_file(src.name, rel, kind)
+        if isinstance(row, _Unread):
+            row = j.get_file(src.name, rel, kind)
         if verdict == "gone":
             if row is not None and row.state in ("seen", "waiting", "quarantined") \
                     and row.id not in self.jobs and row.id not in self.queued:

@@ -99,6 +99,15 @@ BEGIN
         SELECT f.route, NEW.destination, NEW.member, NEW.sha256, NEW.target, NEW.updated_at
         FROM files f WHERE f.id = NEW.file_id AND f.route IS NOT NULL;
 END;
+-- A single file's content identity is recorded with its first staged delivery, by the
+-- statement that journals it 'renaming' (or 'delivered', for a duplicate skipped): before
+-- any rename, as the guard against fanning out two versions needs, without a statement.
+CREATE TRIGGER IF NOT EXISTS file_sha256_on_staged AFTER UPDATE OF state ON deliveries
+WHEN NEW.state IN ('renaming', 'delivered') AND NEW.sha256 IS NOT NULL
+BEGIN
+    UPDATE files SET sha256 = NEW.sha256, size = NEW.size, updated_at = NEW.updated_at
+        WHERE id = NEW.file_id AND kind = 'file' AND sha256 IS NULL;
+END;
 """
 
 FILE_STATES = ("seen", "waiting", "ready", "delivering", "delivered", "done", "failed",
@@ -221,6 +230,20 @@ class Journal(GroupCommit):
                               "AND kind=?", (source, rel, kind)).fetchone()
         return FileRow(*_decoded(row)) if row else None
 
+    def get_files(self, source: str, rels: list[str], kind: str = "file"
+                  ) -> dict[str, FileRow]:
+        """:meth:`get_file` for many names of one source, in one statement."""
+        out: dict[str, FileRow] = {}
+        for i in range(0, len(rels), 500):
+            part = rels[i:i + 500]
+            rows = self.db.execute(
+                f"SELECT {_FILE_COLS} FROM files WHERE source=? AND kind=? AND rel IN "
+                f"({','.join('?' * len(part))})", (source, kind, *part))
+            for r in rows:
+                row = FileRow(*_decoded(r))
+                out[row.rel] = row
+        return out
+
     def file_by_id(self, file_id: int) -> FileRow | None:
         row = self.db.execute(f"SELECT {_FILE_COLS} FROM files WHERE id=?",
                               (file_id,)).fetchone()
@@ -273,21 +296,28 @@ class Journal(GroupCommit):
 
     # -- deliveries ------------------------------------------------------------------------
 
-    def plan_deliveries(self, file_id: int, plan: list[tuple[str, str, str]]) -> None:
+    def plan_deliveries(self, file_id: int, plan: list[tuple[str, str, str]]
+                        ) -> list[Delivery] | None:
         """Create pending rows for (member, destination, target) not yet planned, and mark
-        the file delivering."""
+        the file delivering. Returns the file's delivery rows when every one was created
+        now (a first attempt: the caller need not read them back), else None."""
         now = time.time()
+        created = []
         # No savepoint: either write alone is a state recovery handles (the rows are
         # planned again, idempotently, for a file still 'ready').
         with self.tx(atomic=False) as db:
-            db.executemany(
-                "INSERT OR IGNORE INTO deliveries(file_id, member, destination, target, state,"
-                " updated_at) VALUES (?,?,?,?, 'pending', ?)",
-                [(file_id, m, d, t, now) for m, d, t in plan])
+            for m, d, t in plan:
+                created += db.execute(
+                    "INSERT INTO deliveries(file_id, member, destination, target, state,"
+                    " updated_at) VALUES (?,?,?,?, 'pending', ?) ON CONFLICT DO NOTHING"
+                    f" RETURNING {_DELIVERY_COLS}", (file_id, m, d, t, now)).fetchall()
             # The readiness reason goes; a retry's reason ("disk full") stays visible in
             # `relay status` while the next attempt runs.
             db.execute("UPDATE files SET reason=CASE WHEN state='delivering' THEN reason END,"
                        " state='delivering', updated_at=? WHERE id=?", (now, file_id))
+        if len(created) < len(plan):
+            return None
+        return [Delivery(*_decoded(r)) for r in created]
 
     def deliveries(self, file_id: int | None = None, *states: str) -> list[Delivery]:
         q, args = f"SELECT {_DELIVERY_COLS} FROM deliveries WHERE 1=1", list[object]()

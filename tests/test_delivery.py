@@ -79,10 +79,10 @@ class NoRoomForSignals(LocalDestination):
 
     room = False
 
-    def _put_small(self, target: str, data: bytes) -> None:
+    def _put_small(self, target: str, data: bytes, checked: bool = False) -> None:
         if not self.room:
             raise RetryableError(f"writing signal {target}: disk full")
-        super()._put_small(target, data)
+        super()._put_small(target, data, checked)
 
 
 def test_a_signal_that_cannot_be_written_leaves_the_delivery_signalling(

@@ -245,3 +245,52 @@ def test_a_retry_keeps_its_reason_visible_while_the_next_attempt_runs(tmp_path: 
         assert (again.state, again.reason) == ("delivering", "staging a.csv: disk full")
     finally:
         j.close()
+
+
+def test_planning_returns_the_rows_only_when_it_made_them_all(tmp_path: Path) -> None:
+    """A first attempt gets its new rows back (no read); when any row existed already (a
+    retry, a restart) the caller is told to read them, since they carry state."""
+    j = Journal(tmp_path / "j.sqlite3")
+    try:
+        row = j.upsert_file("in", "a.csv", "file", route="r", state="ready")
+        plan = [("a.csv", "o1", "a.csv"), ("a.csv", "o2", "x/a.csv")]
+        made = j.plan_deliveries(row.id, plan)
+        assert made is not None
+        assert [(d.member, d.destination, d.target, d.state) for d in made] == [
+            ("a.csv", "o1", "a.csv", "pending"), ("a.csv", "o2", "x/a.csv", "pending")]
+        assert made == j.deliveries(row.id)
+        j.update_delivery(made[0].id, state="retry_wait", attempts=1)
+        assert j.plan_deliveries(row.id, plan) is None
+        assert [d.state for d in j.deliveries(row.id)] == ["retry_wait", "pending"]
+    finally:
+        j.close()
+
+
+def test_a_files_digest_is_journalled_with_its_first_staged_delivery(tmp_path: Path) -> None:
+    """files.sha256 (the guard against fanning out two versions of one generation) is
+    written by the statement that journals a delivery 'renaming', or 'delivered' for a
+    skipped duplicate; never over a digest already there, never for a batch."""
+    j = Journal(tmp_path / "j.sqlite3")
+    try:
+        f = j.upsert_file("in", "a.csv", "file", route="r", state="ready")
+        d1, d2 = j.plan_deliveries(f.id, [("a.csv", "o1", "a.csv"),
+                                           ("a.csv", "o2", "a.csv")]) or []
+        j.update_delivery(d1.id, state="staging", size=7)
+        assert (j.file_by_id(f.id) or f).sha256 is None
+        j.mark_renaming([(d1.id, "aa", 7)])
+        after = j.file_by_id(f.id)
+        assert after is not None and (after.sha256, after.size) == ("aa", 7)
+        j.mark_delivered(d2, "bb")  # a later one never overwrites it
+        assert (j.file_by_id(f.id) or f).sha256 == "aa"
+
+        g = j.upsert_file("in", "b.csv", "file", route="r", state="ready")
+        (dup,) = j.plan_deliveries(g.id, [("b.csv", "o1", "b.csv")]) or []
+        j.mark_delivered(dup, "cc")  # the same content was delivered before: skipped
+        assert (j.file_by_id(g.id) or g).sha256 == "cc"
+
+        b = j.upsert_file("in", "d", "batch", route="r", state="ready")
+        (m,) = j.plan_deliveries(b.id, [("d/x", "o1", "d/x")]) or []
+        j.mark_renaming([(m.id, "dd", 1)])
+        assert (j.file_by_id(b.id) or b).sha256 is None
+    finally:
+        j.close()
