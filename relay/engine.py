@@ -169,9 +169,13 @@ class Engine(Evaluation):
             retry = (route.retry.base or self.settings.retry_base,
                      route.retry.cap or self.settings.retry_cap,
                      route.retry.max_attempts or self.settings.retry_max_attempts)
-            outcomes = await asyncio.gather(*(
-                self._to_dest(row, route, src, members, marker, d, retry, planned)
-                for d in route.to))
+            if len(route.to) == 1:  # the usual case: no task to wrap one coroutine
+                outcomes = [await self._to_dest(row, route, src, members, marker,
+                                                route.to[0], retry, planned)]
+            else:
+                outcomes = await asyncio.gather(*(
+                    self._to_dest(row, route, src, members, marker, d, retry, planned)
+                    for d in route.to))
             if not self._settle(row, route, key, outcomes):
                 return
         await self._post_action(row, src, route, members)

@@ -83,23 +83,35 @@ def check_template(template: str) -> None:
         raise UnsafePathError("template must not contain '..'")
 
 
+class _TemplateValues(dict[str, str]):
+    """The fields of a destination template, each worked out only when the template
+    uses it (the default ``{path}`` needs none of the others)."""
+
+    def __init__(self, rel: str, source: str, route: str, when: datetime) -> None:
+        super().__init__(path=rel, source=source, route=route)
+        self.rel, self.when = rel, when
+
+    def __missing__(self, key: str) -> str:
+        p, when = PurePosixPath(self.rel), self.when
+        if key == "name":
+            return p.name
+        if key == "stem":
+            return p.stem
+        if key == "suffix":
+            return p.suffix
+        if key == "ext":
+            return p.suffix[1:]
+        if key == "dir":
+            return str(p.parent) if str(p.parent) != "." else ""
+        if key in ("year", "month", "day", "hour"):
+            value = getattr(when, key)
+            return f"{value:04d}" if key == "year" else f"{value:02d}"
+        raise KeyError(key)
+
+
 def render_template(template: str, rel: str, *, source: str, route: str, when: datetime) -> str:
     """Render the destination path of source-relative ``rel``; the result is safe_relpath'd."""
-    p = PurePosixPath(rel)
-    values = {
-        "path": rel,
-        "name": p.name,
-        "stem": p.stem,
-        "suffix": p.suffix,
-        "ext": p.suffix[1:],
-        "dir": str(p.parent) if str(p.parent) != "." else "",
-        "source": source,
-        "route": route,
-        "year": f"{when.year:04d}",
-        "month": f"{when.month:02d}",
-        "day": f"{when.day:02d}",
-        "hour": f"{when.hour:02d}",
-    }
+    values = _TemplateValues(rel, source, route, when)
     # Empty fields (e.g. {dir} at the top level) may leave a leading "/"; the template
     # itself was checked to be relative, so the result is relative too.
     return safe_relpath(template.format_map(values).lstrip("/"))

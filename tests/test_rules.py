@@ -107,6 +107,18 @@ def test_template_render_uses_ready_time() -> None:
                            when=when) == "b.csv"
 
 
+def test_every_template_field_renders() -> None:
+    """Each field is worked out only when used; all of them, together and alone."""
+    when = datetime(2026, 3, 4, 5, tzinfo=UTC)
+    everything = ("{source}/{route}/{year}-{month}-{day}T{hour}/{dir}/{stem}{suffix}/"
+                  "{name}.{ext}/{path}")
+    assert render_template(everything, "x/y/z.tar.gz", source="s", route="r", when=when) \
+        == "s/r/2026-03-04T05/x/y/z.tar.gz/z.tar.gz.gz/x/y/z.tar.gz"
+    assert render_template("{hour}/{day}", "f", source="s", route="r", when=when) == "05/04"
+    with pytest.raises(KeyError):
+        render_template("{nope}/{path}", "f", source="s", route="r", when=when)
+
+
 def test_glob_semantics() -> None:
     """* stays in a segment, ** spans segments, including none."""
     g = compile_glob("a/**/*.csv")
