@@ -174,6 +174,14 @@ def large(work: Path, size: int, runs: int) -> dict[str, object]:
             "ratios_median": ratios(med), "ratios_best": ratios(best)}
 
 
+def _default_concurrency() -> int:
+    """RELAY_CONCURRENCY as shipped (what the small-file runs use)."""
+    sys.path.insert(0, str(HERE.parent))
+    from relay.config import Settings
+
+    return int(Settings.model_fields["concurrency"].default)
+
+
 def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, object]:
     """Median of ``repeat`` runs, each on a fresh journal and destination (the machine may
     be shared: one run alone says little)."""
@@ -192,8 +200,9 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
         out.mkdir()
         root.mkdir()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        secs = _relay_once(root, _rules(root, src, out), RELAY_JOURNAL_SYNC=sync,
-                           RELAY_CONCURRENCY="8")
+        # RELAY_CONCURRENCY as shipped (32; it was 4, and this bench used 8, before
+        # 2026-11-30's third session).
+        secs = _relay_once(root, _rules(root, src, out), RELAY_JOURNAL_SYNC=sync)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         # CPU time of relay per file: unlike files/s, barely moved by a busy machine.
         cpu.append((after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
@@ -203,7 +212,8 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
         runs.append(secs)
         shutil.rmtree(out)
     secs = statistics.median(runs)
-    return {"files": count, "journal_sync": sync, "seconds": round(secs, 3),
+    return {"files": count, "journal_sync": sync, "concurrency": _default_concurrency(),
+            "seconds": round(secs, 3),
             "files_per_s": round(count / secs, 1),
             "runs_files_per_s": [round(count / r, 1) for r in runs],
             "cpu_us_per_file": round(statistics.median(cpu)),
