@@ -3,7 +3,9 @@ the others reach structlog (so capture_logs and reconfiguration still work)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 
 import pytest
 import structlog
@@ -38,3 +40,78 @@ def test_only_calls_at_or_above_the_level_are_written(
     finally:  # what other tests configured (this one's stdout is pytest's, closed soon)
         structlog.configure(**old)
         logs._threshold = threshold
+
+
+def test_lines_logged_on_the_loop_are_written_once_per_turn_in_order() -> None:
+    """On the event loop, lines wait for the end of the loop's turn and go out in one
+    write; a line from outside a loop writes what waits first, then itself."""
+
+    class File:
+        def __init__(self) -> None:
+            self.writes: list[str] = []
+
+        def write(self, text: str) -> None:
+            self.writes.append(text)
+
+        def flush(self) -> None:
+            pass
+
+    f = File()
+    w = logs._LineWriter(f)  # type: ignore[arg-type]
+
+    async def turn() -> None:
+        w.msg("a")
+        w.msg("b")
+        assert f.writes == []  # not yet: the turn has not ended
+        await asyncio.sleep(0)  # one turn later
+        assert f.writes == ["a\nb\n"]
+        w.msg("c")
+        w.msg("d")
+
+    asyncio.run(turn())
+    assert f.writes == ["a\nb\n", "c\nd\n"]  # nothing left behind when the loop ends
+
+    async def then_a_thread() -> None:
+        w.msg("e")
+        t = threading.Thread(target=w.msg, args=("from a thread",))
+        t.start()
+        t.join()
+
+    asyncio.run(then_a_thread())
+    assert f.writes[2:] == ["e\nfrom a thread\n"]
+
+
+def test_a_loop_that_ends_before_its_flush_loses_nothing() -> None:
+    """A loop closed before the turn that would have written its lines: the next line,
+    on another loop or none, and flush() at exit write them, in order."""
+
+    class File:
+        def __init__(self) -> None:
+            self.text = ""
+
+        def write(self, text: str) -> None:
+            self.text += text
+
+        def flush(self) -> None:
+            pass
+
+    f = File()
+    w = logs._LineWriter(f)  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+
+    def log_and_leave() -> None:
+        w.msg("x")
+        loop.stop()  # the flush scheduled by msg() is in the next batch: never run
+
+    loop.call_soon(log_and_leave)
+    loop.run_forever()
+    loop.close()
+    assert f.text == ""
+
+    async def again() -> None:
+        w.msg("y")
+
+    asyncio.run(again())
+    assert f.text == "x\ny\n"
+    w.msg("z")  # outside any loop: at once
+    assert f.text == "x\ny\nz\n"
