@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import sys
 import threading
@@ -96,7 +97,11 @@ class _LineWriter:
     def flush(self) -> None:
         with self._lock:
             self._flush_on = None
-            self._write()
+            # From a loop callback, at exit or at a reconfiguration: with stdout gone (a
+            # closed pipe) the lines cannot go anywhere, and raising here would only
+            # produce more lines to write.
+            with contextlib.suppress(OSError, ValueError):
+                self._write()
 
     def _write(self) -> None:
         if self._buf:

@@ -115,3 +115,28 @@ def test_a_loop_that_ends_before_its_flush_loses_nothing() -> None:
     assert f.text == "x\ny\n"
     w.msg("z")  # outside any loop: at once
     assert f.text == "x\ny\nz\n"
+
+
+def test_a_closed_stdout_drops_the_turns_lines_without_an_error_storm() -> None:
+    """The loop's flush cannot write (the reader closed the pipe): the lines are dropped
+    and nothing is raised into the loop (whose error report would be one more line)."""
+
+    class Closed:
+        def write(self, text: str) -> None:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+    w = logs._LineWriter(Closed())  # type: ignore[arg-type]
+    errors: list[object] = []
+
+    async def turn() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, ctx: errors.append(ctx))
+        w.msg("lost")
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+
+    asyncio.run(turn())
+    assert errors == []
+    assert w._buf == []
