@@ -9,7 +9,8 @@ latency (sidecar written → downstream sidecar visible) for files arriving one 
     python bench/bench_local.py --only small,latency --small 10000 --repeat 3
                                            # the issue's small-file target, medians of 3
 
-Prints a table and JSON; writes bench/results/local-<date>.json unless --no-save.
+Prints a table and JSON; writes bench/results/local-<date>.json (with --only, named after
+the scenarios run: local-small-latency-<date>.json) unless --no-save or --quick.
 """
 
 from __future__ import annotations
@@ -314,8 +315,11 @@ def main() -> int:
     print(f"load average before / after: {result['loadavg_before']} / "
           f"{result['loadavg_after']}")
     print(json.dumps(result, indent=2))
-    if not a.no_save and not a.quick and only == {"large", "small", "latency"}:
-        out = save("local", result)
+    if not a.no_save and not a.quick:
+        # A partial run is saved too, under the scenarios it ran (local-small-latency-…).
+        name = "local" if only == {"large", "small", "latency"} else "-".join(
+            ["local", *(x for x in ("large", "small", "latency") if x in only)])
+        out = save(name, result)
         print(f"saved {out}")
     return 0
 
