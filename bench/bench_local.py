@@ -16,6 +16,7 @@ the scenarios run: local-small-latency-<date>.json) unless --no-save or --quick.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime as dt
 import hashlib
 import json
@@ -23,6 +24,7 @@ import os
 import platform
 import resource
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -77,6 +79,12 @@ def _shell(cmd: str) -> float:
     return time.perf_counter() - t
 
 
+def _die_with_parent() -> None:
+    """Run in the daemon's process before exec: SIGTERM it when the bench dies (Linux's
+    PR_SET_PDEATHSIG), so a bench killed mid-run (e.g. by SIGPIPE) leaves no relay behind."""
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)
+
+
 class _Daemon:
     """A running ``relay run`` on its own landing folder: the time a file takes from its
     sidecar's arrival to the downstream sidecar, without the interpreter's start-up that
@@ -91,7 +99,7 @@ class _Daemon:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "relay.cli", "run"],
                 env=_env(root, _rules(root, self.src, self.out), RELAY_LOG_LEVEL="info"),
-                stdout=logf)
+                stdout=logf, preexec_fn=_die_with_parent)
         deadline = time.perf_counter() + 30
         while b"relay_started" not in log.read_bytes():  # wait until it watches
             if time.perf_counter() > deadline or self.proc.poll() is not None:
