@@ -30,13 +30,6 @@ Key = tuple[str, str, str]  # (source, kind "file"|"batch", rel)
 _EVAL_BATCH = 32  # single files whose evidence one worker-thread hop reads
 
 
-class _Unread:
-    """Marks a row argument the caller did not read (None means "no row")."""
-
-
-_UNREAD = _Unread()
-
-
 def is_ignored(src: SourceRule, rel: str) -> bool:
     return any(compile_glob(g).match(rel) for g in src.ignore)
 
@@ -225,7 +218,7 @@ class Evaluation:
             ev = await asyncio.to_thread(gather, src.path, rel, src.ready,
                                          self._marker_stale(source, rel))
             self._apply(src, route, key, ev.verdict, ev.reason, ev.fingerprint, ev.signal,
-                        ev.declared)
+                        ev.declared, self.journal.get_file(source, rel, kind))
             return
         bev = await asyncio.to_thread(gather_batch, src.path, rel, src.ready,
                                       lambda r: is_ignored(src, r))
@@ -239,7 +232,8 @@ class Evaluation:
             log.debug("batch_unrouted", file=rel, source=source)
             return
         self._apply(src, route, key, bev.verdict, bev.reason, bev.fingerprint,
-                    f"{rel}/{src.ready.directory_marker}", None)
+                    f"{rel}/{src.ready.directory_marker}", None,
+                    self.journal.get_file(source, rel, kind))
 
     def _write(self, row: FileRow | None, key: Key, source: str, **fields: Any) -> int:
         """Record a verdict: update ``row``, or insert the file with it. Its id."""
@@ -251,13 +245,11 @@ class Evaluation:
 
     def _apply(self, src: SourceRule, route: Route, key: Key, verdict: str, reason: str,
                fp: str, sig: str | None, declared: Declared | None,
-               row: FileRow | _Unread | None = _UNREAD) -> None:
-        """Record a verdict. ``row``: the file's journal row, if the caller has just read
-        it (None: there is none)."""
+               row: FileRow | None) -> None:
+        """Record a verdict. ``row``: the file's journal row (None: there is none), read
+        after the caller's last await, so nothing has moved it since."""
         _, kind, rel = key
         j = self.journal
-        if isinstance(row, _Unread):
-            row = j.get_file(src.name, rel, kind)
         if verdict == "gone":
             if row is not None and row.state in ("seen", "waiting", "quarantined") \
                     and row.id not in self.jobs and row.id not in self.queued:

@@ -201,7 +201,6 @@ _DELIVERY_COLS = ("id, file_id, member, destination, target, tmp, state, sha256,
                   "attempts, fallbacks, next_try_at, last_error, updated_at")
 
 
-
 class Journal(GroupCommit):
     """SQLite-backed state machine. Not thread-safe: use it from the event loop only."""
 

@@ -92,7 +92,10 @@ class _TemplateValues(dict[str, str]):
         self.rel, self.when = rel, when
 
     def __missing__(self, key: str) -> str:
-        p, when = PurePosixPath(self.rel), self.when
+        if key in ("year", "month", "day", "hour"):
+            value = getattr(self.when, key)
+            return f"{value:04d}" if key == "year" else f"{value:02d}"
+        p = PurePosixPath(self.rel)
         if key == "name":
             return p.name
         if key == "stem":
@@ -103,9 +106,6 @@ class _TemplateValues(dict[str, str]):
             return p.suffix[1:]
         if key == "dir":
             return str(p.parent) if str(p.parent) != "." else ""
-        if key in ("year", "month", "day", "hour"):
-            value = getattr(when, key)
-            return f"{value:04d}" if key == "year" else f"{value:02d}"
         raise KeyError(key)
 
 

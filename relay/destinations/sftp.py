@@ -1,5 +1,5 @@
-"""``sftp://user@host:port/path`` destinations over asyncssh (with sftp_session.py, the only
-modules importing it).
+"""``sftp://user@host:port/path`` destinations over asyncssh (with sftp_session.py and
+sftp_errors.py, the only modules importing it).
 
 One pooled SSH connection per destination carries up to 8 SFTP channels (never more than
 ``rule.concurrency``; fewer if the server refuses more sessions); up to ``rule.concurrency``
@@ -22,9 +22,7 @@ Every wait on the network is bounded: asyncssh's connect/login timeouts and keep
 plus a watchdog that aborts the connection when an operation has waited on the server for
 ``max(login_timeout, 2 * keepalive_interval)`` seconds without any reply (more during an
 fsync, which may flush a large file at a slow disk's pace). Library exceptions are translated
-in :func:`_translate`, once: a refused host key is a PermanentError (an operator must look
-at known_hosts, then ``relay retry``); a refused login and everything network-shaped are
-RetryableErrors, so a partner fixing an account needs no operator on our side.
+once, in sftp_errors.py.
 """
 
 from __future__ import annotations
@@ -35,15 +33,16 @@ import hashlib
 import os
 import posixpath
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncssh
 
 from relay.destinations.base import Progress, Staged, temp_name
+from relay.destinations.sftp_errors import translate, unsupported
 from relay.destinations.sftp_io import hash_prefix, read_hash, upload
 from relay.destinations.sftp_probe import probe
-from relay.destinations.sftp_session import Session, parse_sftp_url, unsupported
+from relay.destinations.sftp_session import Session, parse_sftp_url
 from relay.errors import PermanentError, RetryableError, SignalFailed, SourceVanished
 from relay.hashing import MultiHash
 from relay.logs import get_logger
@@ -170,42 +169,11 @@ class SftpDestination:
             s.ready = True
             return s
 
-    @contextlib.contextmanager
-    def _translate(self, what: str, session: Session | None) -> Iterator[None]:
-        """The one place asyncssh and socket errors become relay errors. Anything but an
-        SFTP status drops the pooled connection, so the next attempt reconnects."""
-        try:
-            yield
-        except asyncssh.HostKeyNotVerifiable as exc:
-            raise PermanentError(
-                f"{what}: host key refused ({exc.reason}); the key is unknown or changed "
-                f"— check {self.rule.known_hosts or '~/.ssh/known_hosts'}, then "
-                "`relay retry`") from exc
-        except asyncssh.PermissionDenied as exc:
-            raise RetryableError(f"{what}: login refused for {self.user} ({exc.reason}); "
-                                 "check identity/password") from exc
-        except (asyncssh.KeyImportError, asyncssh.KeyEncryptionError) as exc:
-            raise PermanentError(f"{what}: cannot load identity {self.rule.identity}: "
-                                 f"{exc}") from exc
-        except asyncssh.SFTPError as exc:
-            if not unsupported(exc):
-                self._drop(session)
-                raise RetryableError(f"{what}: connection lost ({exc.reason})") from exc
-            raise RetryableError(f"{what}: {type(exc).__name__.removeprefix('SFTP')}: "
-                                 f"{exc.reason}") from exc
-        except asyncssh.Error as exc:
-            self._drop(session)
-            raise RetryableError(f"{what}: {exc.reason}") from exc
-        except (OSError, EOFError) as exc:  # TimeoutError is an OSError
-            self._drop(session)
-            if isinstance(exc, FileNotFoundError) and exc.filename:
-                raise PermanentError(f"{what}: {exc.strerror}: {exc.filename}") from exc
-            reason = "timed out" if isinstance(exc, TimeoutError) else (
-                exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc))
-            if isinstance(exc, ConnectionResetError | ConnectionAbortedError |
-                          BrokenPipeError | EOFError):
-                reason = f"connection lost ({reason or type(exc).__name__})"
-            raise RetryableError(f"{what}: {reason or type(exc).__name__}") from exc
+    def _translate(self, what: str, session: Session | None
+                   ) -> contextlib.AbstractContextManager[None]:
+        """Errors of the block as relay errors (sftp_errors.py); a lost connection drops
+        ``session`` from the pool."""
+        return translate(what, self.rule, self.user, lambda: self._drop(session))
 
     def _drop(self, session: Session | None) -> None:
         if session is not None and session is self._session:

@@ -1,5 +1,5 @@
 """One pooled SSH connection to an SFTP server: its channels and the watchdog that bounds
-every request; plus URL parsing and telling a server's refusal from a lost connection."""
+every request; plus URL parsing."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import asyncssh
 
 from relay.logs import get_logger
 
-__all__ = ["Session", "parse_sftp_url", "unsupported"]
+__all__ = ["Session", "parse_sftp_url"]
 
 log = get_logger()
 
@@ -33,12 +33,6 @@ def parse_sftp_url(url: str) -> tuple[str, str, int, str]:
         root = path.rstrip("/")
     return (unquote(parts.username) if parts.username else getpass.getuser(),
             parts.hostname or "", parts.port or 22, root)
-
-
-def unsupported(exc: BaseException) -> bool:
-    """A server refusal (SFTP status), as opposed to a broken connection."""
-    return isinstance(exc, asyncssh.SFTPError) and not isinstance(
-        exc, asyncssh.SFTPConnectionLost | asyncssh.SFTPNoConnection)
 
 
 @dataclass
