@@ -48,6 +48,8 @@ from results_file import save  # noqa: E402
 from tests.sshd_server import Sshd, running_sshd  # noqa: E402
 
 GCM = "aes128-gcm@openssh.com"
+# relay's contenders: the same engine over each SFTP transport (rules: `transport`)
+RELAYS = {"relay": "asyncssh", "relay openssh": "openssh"}
 
 
 def _ssh_opts(s: Sshd) -> list[str]:
@@ -69,15 +71,16 @@ def _sftp_batch(s: Sshd, batch: Path, *extra: str) -> float:
 
 
 def _relay(s: Sshd, root: Path, src: Path, out: Path, concurrency: int,
-           dest_concurrency: int, sync: str = "full",
-           local: bool = False) -> tuple[float, list[dict[str, Any]]]:
+           dest_concurrency: int, sync: str = "full", local: bool = False,
+           transport: str = "asyncssh") -> tuple[float, list[dict[str, Any]]]:
     """`relay run --once` to the sshd (or, ``local``, to a plain folder): (wall seconds,
     log events)."""
     rules = root / "rules"
     rules.mkdir(parents=True, exist_ok=True)
     dest = ({"name": "sshd", "url": f"file://{out}"} if local else
             {"name": "sshd", "url": s.url(out), "identity": str(s.client_key),
-             "known_hosts": str(s.known_hosts), "concurrency": dest_concurrency})
+             "known_hosts": str(s.known_hosts), "concurrency": dest_concurrency,
+             "transport": transport})
     (rules / "r.yaml").write_text(yaml.safe_dump({
         "sources": [{"name": "in", "path": str(src)}],
         "destinations": [dest],
@@ -123,10 +126,11 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
     digest = _digest(payload)
     sidecar = src / "big.bin.sha256"
     sidecar.write_text(f"{digest}  big.bin\n")
-    names = ["relay (delivery)", "relay (verify + delivery)", "relay (--once, whole process)",
-             "sftp -b", "sftp -b (gcm)", "sftp -b -f (flush)", "scp"]
+    names = [f"{r} ({what})" for r in RELAYS
+             for what in ("delivery", "verify + delivery", "--once, whole process")]
+    names += ["sftp -b", "sftp -b (gcm)", "sftp -b -f (flush)", "scp"]
     times: dict[str, list[float]] = {n: [] for n in names}
-    contenders = names[2:]
+    contenders = [n for n in names if not n.startswith("relay") or "--once" in n]
     for i in range(runs):
         # Interleaved, so load changes hit every contender alike, in an order rotated each
         # round: the server's disk alternates fast and slow write turns (README), and a
@@ -135,13 +139,15 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
         # fsync).
         for name in contenders[i % len(contenders):] + contenders[:i % len(contenders)]:
             os.sync()
-            out = s.root / f"large-{i}-{name.split()[0]}-{len(times[name])}"
+            out = s.root / f"large-{i}-{contenders.index(name)}"
             out.mkdir()
             if name.startswith("relay"):
-                wall, events = _relay(s, work / f"relay-large-{i}", src, out, conc, dest_conc)
+                r = name.split(" (")[0]
+                wall, events = _relay(s, work / f"relay-large-{i}-{r.replace(' ', '-')}", src,
+                                      out, conc, dest_conc, transport=RELAYS[r])
                 times[name].append(wall)
-                times["relay (delivery)"].append(_span(events, "file_ready", "file_delivered"))
-                times["relay (verify + delivery)"].append(
+                times[f"{r} (delivery)"].append(_span(events, "file_ready", "file_delivered"))
+                times[f"{r} (verify + delivery)"].append(
                     _span(events, "file_seen", "file_delivered"))
                 assert (out / "big.bin.sha256").exists(), "relay did not deliver"
             elif name == "scp":
@@ -160,8 +166,8 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
     return {"size_bytes": size, "runs": runs, "median_s": {k: round(v, 3) for k, v in med.items()},
             "mb_s": {k: round(size / v / 1e6, 1) for k, v in med.items()},
             "ratio_to_sftp": {k: round(v / base, 3) for k, v in med.items()},
-            "ratio_relay_delivery_to_sftp_gcm": round(med["relay (delivery)"]
-                                                      / med["sftp -b (gcm)"], 3),
+            "ratio_relay_delivery_to_sftp_gcm": {
+                r: round(med[f"{r} (delivery)"] / med["sftp -b (gcm)"], 3) for r in RELAYS},
             "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
 
 
@@ -176,24 +182,29 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
         (d / f"f{i}.dat").write_bytes(data)
         (d / f"f{i}.dat.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  f{i}.dat\n")
     rels = [f"d{i % dirs}/f{i}.dat" for i in range(count)]
-    names = ["relay (delivery)", "relay (--once, whole process)",
-             "relay to file:// (engine alone)", "SFTP backend alone (no engine)",
-             "sftp -b puts", "sftp -b put tmp + rename", "scp -r"]
+    names = [f"{r} ({what})" for r in RELAYS for what in ("delivery", "--once, whole process")]
+    names += ["relay to file:// (engine alone)"]
+    names += [f"SFTP backend alone, {t} (no engine)" for t in RELAYS.values()]
+    names += ["sftp -b puts", "sftp -b put tmp + rename", "scp -r"]
     times: dict[str, list[float]] = {n: [] for n in names}
     for i in range(runs):
-        for name in names[1:]:
+        for name in [n for n in names if "(delivery)" not in n]:
             out = (work if "file://" in name else s.root) / f"small-{i}-{names.index(name)}"
             out.mkdir()
-            if name == "relay (--once, whole process)":
-                wall, events = _relay(s, work / f"relay-small-{i}", src, out, conc, dest_conc)
+            if name.endswith("(--once, whole process)"):
+                r = name.split(" (")[0]
+                wall, events = _relay(s, work / f"relay-small-{i}-{r.replace(' ', '-')}", src,
+                                      out, conc, dest_conc, transport=RELAYS[r])
                 times[name].append(wall)
-                times["relay (delivery)"].append(_span(events, "file_ready", "file_delivered"))
+                times[f"{r} (delivery)"].append(_span(events, "file_ready", "file_delivered"))
             elif name.startswith("relay to file"):
                 _, events = _relay(s, work / f"relay-local-{i}", src, out, conc, dest_conc,
                                    local=True)
                 times[name].append(_span(events, "file_ready", "file_delivered"))
             elif name.startswith("SFTP backend"):
-                times[name].append(asyncio.run(_backend(s, src, out, rels, dest_conc)))
+                transport = name.split(", ")[1].split()[0]
+                times[name].append(asyncio.run(_backend(s, src, out, rels, dest_conc,
+                                                        transport)))
             elif name == "scp -r":
                 times[name].append(_timed(["scp", "-q", "-r", *_ssh_opts(s), f"{src}/.",
                                            f"{s.user}@{s.host}:{out}/"]))
@@ -222,7 +233,8 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
             "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
 
 
-async def _backend(s: Sshd, src: Path, out: Path, rels: list[str], conc: int) -> float:
+async def _backend(s: Sshd, src: Path, out: Path, rels: list[str], conc: int,
+                   transport: str) -> float:
     """The SFTP destination in this process, no journal or engine: stage, commit and
     sidecar for every file, ``conc`` files at a time. Seconds."""
     from relay.destinations.sftp import SftpDestination
@@ -233,7 +245,7 @@ async def _backend(s: Sshd, src: Path, out: Path, rels: list[str], conc: int) ->
 
     dest = SftpDestination(DestinationRule(
         name="sshd", url=s.url(out), identity=s.client_key, known_hosts=s.known_hosts,
-        concurrency=conc))
+        concurrency=conc, transport=transport))
     await dest.start()
     slots = asyncio.Semaphore(conc)
 
@@ -308,16 +320,17 @@ def _table(r: dict[str, Any]) -> None:
     print(f"\nmachine: {r['machine']}")
     print(f"relay: {r['relay_settings']}")
     mib = lg["size_bytes"] >> 20
-    print(f"\n{'large: ' + str(mib) + ' MiB + sidecar':<36} {'median':>9} {'MB/s':>8} "
+    print(f"\n{'large: ' + str(mib) + ' MiB + sidecar':<42} {'median':>9} {'MB/s':>8} "
           f"{'time / sftp':>12}")
     for k, v in lg["median_s"].items():
-        print(f"  {k:<34} {v:>8.3f}s {lg['mb_s'][k]:>8} {lg['ratio_to_sftp'][k]:>11}x")
-    print(f"  {'relay (delivery) / sftp -b (gcm)':<34} {'':>9} {'':>8} "
-          f"{lg['ratio_relay_delivery_to_sftp_gcm']:>11}x")
-    print(f"\n{'small: ' + str(sm['files']) + ' x 4 KiB + sidecar':<36} {'median':>9} "
+        print(f"  {k:<40} {v:>8.3f}s {lg['mb_s'][k]:>8} {lg['ratio_to_sftp'][k]:>11}x")
+    for r, ratio in lg["ratio_relay_delivery_to_sftp_gcm"].items():
+        label = f"{r} (delivery) / sftp -b (gcm)"
+        print(f"  {label:<40} {'':>9} {'':>8} {ratio:>11}x")
+    print(f"\n{'small: ' + str(sm['files']) + ' x 4 KiB + sidecar':<42} {'median':>9} "
           f"{'files/s':>8} {'vs sftp -b':>12}")
     for k, v in sm["median_s"].items():
-        print(f"  {k:<34} {v:>8.3f}s {sm['files_per_s'][k]:>8} "
+        print(f"  {k:<40} {v:>8.3f}s {sm['files_per_s'][k]:>8} "
               f"{sm['speedup_vs_sftp_puts'][k]:>11}x")
 
 

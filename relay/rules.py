@@ -12,7 +12,14 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from relay.errors import RuleProblem, RulesError, UnsafePathError
 from relay.paths import check_template, compile_glob
@@ -106,6 +113,9 @@ class DestinationRule(_Strict):
     verify: Literal["none", "readback"] = "none"
     concurrency: int | None = Field(None, ge=1, le=64)
     # SFTP options (ignored by file://).
+    transport: Literal["asyncssh", "openssh"] = Field(
+        "asyncssh", description="asyncssh: SSH in-process; openssh: OpenSSH's ssh client "
+        "carries the connection (faster; key authentication only).")
     identity: Path | None = None
     passphrase_secret: str | None = None
     password_secret: str | None = None
@@ -131,6 +141,17 @@ class DestinationRule(_Strict):
     @classmethod
     def _dur(cls, v: Any) -> float | None:
         return parse_duration(v)
+
+    @model_validator(mode="after")
+    def _openssh(self) -> DestinationRule:
+        if self.transport == "openssh":
+            if self.identity is None:
+                raise ValueError("transport: openssh needs `identity` (a private key file)")
+            if self.password_secret or self.passphrase_secret:
+                raise ValueError("transport: openssh cannot use password_secret or "
+                                 "passphrase_secret (ssh would prompt): use an unencrypted "
+                                 "key, or transport: asyncssh")
+        return self
 
     @property
     def scheme(self) -> str:

@@ -41,8 +41,9 @@ import asyncssh
 from relay.destinations.base import Progress, Staged, temp_name
 from relay.destinations.sftp_errors import translate, unsupported
 from relay.destinations.sftp_io import hash_prefix, read_hash, upload
+from relay.destinations.sftp_openssh import open_openssh
 from relay.destinations.sftp_probe import probe
-from relay.destinations.sftp_session import Session, parse_sftp_url
+from relay.destinations.sftp_session import AsyncsshLink, Link, Session, parse_sftp_url
 from relay.errors import PermanentError, RetryableError, SignalFailed, SourceVanished
 from relay.hashing import MultiHash
 from relay.logs import get_logger
@@ -100,8 +101,25 @@ class SftpDestination:
             raise PermanentError(f"cannot read secret {name!r}: {exc.strerror}") from exc
 
     async def _connect(self) -> Session:
-        rule = self.rule
         started = time.monotonic()
+        link: Link
+        if self.rule.transport == "openssh":
+            link, channels = await open_openssh(self.rule, self.user, self.host, self.port,
+                                                self._channels, self._stall)
+        else:
+            link, channels = await self._connect_asyncssh()
+        session = Session(link, channels, self._stall)
+        session.arm()
+        self.connections += 1
+        log.info("sftp_connected", destination=self.name, host=self.host, port=self.port,
+                 user=self.user, transport=self.rule.transport, cipher=link.cipher,
+                 server=link.server, connection=self.connections,
+                 channels=len(channels), channels_wanted=self._channels,
+                 duration_ms=round((time.monotonic() - started) * 1000, 1))
+        return session
+
+    async def _connect_asyncssh(self) -> tuple[AsyncsshLink, list[asyncssh.SFTPClient]]:
+        rule = self.rule
         what = f"connecting to {self.host}:{self.port}"
         with self._translate(what, None):
             conn = await asyncio.wait_for(asyncssh.connect(
@@ -125,24 +143,16 @@ class SftpDestination:
             conn.abort()
             raise
         channels = [first, *(c for c in more if isinstance(c, asyncssh.SFTPClient))]
-        session = Session(conn, channels, self._stall)
-        session.arm()
-        self.connections += 1
-        log.info("sftp_connected", destination=self.name, host=self.host, port=self.port,
-                 user=self.user, cipher=conn.get_extra_info("send_cipher"),
-                 server=conn.get_extra_info("server_version"), connection=self.connections,
-                 channels=len(channels), channels_wanted=self._channels,
-                 duration_ms=round((time.monotonic() - started) * 1000, 1))
-        return session
+        return AsyncsshLink(conn, self.host), channels
 
     async def _get(self) -> Session:
         """The pooled session: (re)connected, root checked, server probed once."""
         s = self._session
-        if s is not None and s.ready and not s.conn.is_closed():
+        if s is not None and s.ready and not s.link.is_closed():
             return s
         async with self._connecting:
             s = self._session
-            if s is None or s.conn.is_closed():
+            if s is None or s.link.is_closed():
                 if s is not None:
                     s.close()
                 s = self._session = await self._connect()
@@ -162,8 +172,8 @@ class SftpDestination:
                     caps.update(write_limit=sftp.limits.max_write_len,
                                 read_limit=sftp.limits.max_read_len,
                                 sftp_version=sftp.version, channels=len(s.channels),
-                                server=s.conn.get_extra_info("server_version"),
-                                cipher=s.conn.get_extra_info("send_cipher"))
+                                server=s.link.server, cipher=s.link.cipher,
+                                transport=self.rule.transport)
                     self.capabilities = caps
                     log.info("sftp_capabilities", destination=self.name, **caps)
             s.ready = True
@@ -218,7 +228,7 @@ class SftpDestination:
         if s is not None:
             s.close()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.conn.wait_closed(), 5)
+                await asyncio.wait_for(s.link.wait_closed(), 5)
 
     async def stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
                     progress: Progress) -> Staged:

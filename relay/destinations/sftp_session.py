@@ -1,5 +1,9 @@
 """One pooled SSH connection to an SFTP server: its channels and the watchdog that bounds
-every request; plus URL parsing."""
+every request; plus URL parsing.
+
+The connection itself is a :class:`Link`: asyncssh's own (:class:`AsyncsshLink`), or an
+OpenSSH ``ssh`` master process (``transport: openssh``, sftp_openssh.py). Either way the
+channels are asyncssh ``SFTPClient`` objects, so everything above the link is the same."""
 
 from __future__ import annotations
 
@@ -9,13 +13,14 @@ import getpass
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 from urllib.parse import unquote, urlsplit
 
 import asyncssh
 
 from relay.logs import get_logger
 
-__all__ = ["Session", "parse_sftp_url"]
+__all__ = ["AsyncsshLink", "Link", "Session", "parse_sftp_url"]
 
 log = get_logger()
 
@@ -35,11 +40,45 @@ def parse_sftp_url(url: str) -> tuple[str, str, int, str]:
             parts.hostname or "", parts.port or 22, root)
 
 
+class Link(Protocol):
+    """An SSH connection as the session needs it."""
+
+    host: str
+    cipher: str | None
+    server: str | None
+
+    def abort(self) -> None:
+        """Close at once; every outstanding request fails."""
+
+    def is_closed(self) -> bool: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+class AsyncsshLink:
+    """asyncssh's connection (``transport: asyncssh``, the default)."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, host: str) -> None:
+        self.conn = conn
+        self.host = host
+        self.cipher: str | None = conn.get_extra_info("send_cipher")
+        self.server: str | None = conn.get_extra_info("server_version")
+
+    def abort(self) -> None:
+        self.conn.abort()
+
+    def is_closed(self) -> bool:
+        return self.conn.is_closed()
+
+    async def wait_closed(self) -> None:
+        await self.conn.wait_closed()
+
+
 @dataclass
 class Session:
     """One SSH connection, its SFTP channels and the watchdog bounding every request."""
 
-    conn: asyncssh.SSHClientConnection
+    link: Link
     channels: list[asyncssh.SFTPClient]
     stall: float
     load: list[int] = field(default_factory=list)
@@ -57,9 +96,9 @@ class Session:
         # wait_for() cannot interrupt a request stuck in the library; aborting the
         # connection fails every outstanding request at once, exactly on time.
         if self.busy and time.monotonic() - self.last > self.stall + self.extra:
-            log.warning("sftp_connection_stalled", host=self.conn.get_extra_info("host"),
+            log.warning("sftp_connection_stalled", host=self.link.host,
                         stalled_s=round(time.monotonic() - self.last, 1))
-            self.conn.abort()
+            self.link.abort()
             return
         self.arm()
 
@@ -111,4 +150,4 @@ class Session:
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self.conn.abort()
+        self.link.abort()
