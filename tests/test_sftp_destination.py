@@ -1,6 +1,10 @@
 """SftpDestination in-process against a real OpenSSH sshd (and, for faults the real server
 cannot produce, the in-process fault server): delivery steps, probe, host keys, logins,
-overwrite policy, pooling, concurrency and the stall watchdog."""
+overwrite policy, pooling, concurrency and the stall watchdog.
+
+Tests of the connection run on both transports (``transport: asyncssh`` and ``openssh``);
+those marked ``transports("asyncssh")`` test what lies above it (or asyncssh's own password
+and passphrase logins) and run once. openssh-only behaviour: test_sftp_openssh.py."""
 
 from __future__ import annotations
 
@@ -24,18 +28,34 @@ from tests.sshd_server import Sshd, make_key, sftp_dir, sshd  # noqa: F401
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(60)
+TRANSPORTS = ("asyncssh", "openssh")
+_current = {"transport": "asyncssh"}
+once = pytest.mark.transports("asyncssh")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    marker = metafunc.definition.get_closest_marker("transports")
+    metafunc.parametrize("transport", marker.args if marker else TRANSPORTS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The SFTP transport rule_for() and fault_rule() use in this test."""
+    _current["transport"] = request.param
+    yield request.param
+    _current["transport"] = "asyncssh"
 
 
 def rule_for(server: Sshd, root: Path, **kw: Any) -> DestinationRule:
     opts: dict[str, Any] = {"identity": server.client_key, "known_hosts": server.known_hosts,
-                            "connect_timeout": 5, "login_timeout": 5}
+                            "connect_timeout": 5, "login_timeout": 5, **_current}
     opts.update(kw)
     return DestinationRule(name="partner", url=server.url(root), **opts)
 
 
 def fault_rule(fs: FaultServer, rel: str = "", **kw: Any) -> DestinationRule:
     opts: dict[str, Any] = {"identity": fs.client_key, "known_hosts": fs.known_hosts,
-                            "connect_timeout": 5, "login_timeout": 5}
+                            "connect_timeout": 5, "login_timeout": 5, **_current}
     opts.update(kw)
     return DestinationRule(name="faulty", url=fs.url(rel), **opts)
 
@@ -60,6 +80,7 @@ async def deliver(dest: SftpDestination, src: Path, target: str) -> Any:
     return staged
 
 
+@once
 def test_url_parsing() -> None:
     """sftp:// URLs give user, host, port and an absolute root; /~/ means the login dir."""
     assert parse_sftp_url("sftp://bob@h.example:2222/in/box/") == ("bob", "h.example", 2222,
@@ -181,11 +202,14 @@ def test_missing_identity_and_secret_are_permanent(tmp_path: Path, sshd: Sshd,  
     """A missing identity file or secret is a configuration error, reported as such."""
     exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, identity=tmp_path / "nope")))
     assert isinstance(exc, PermanentError) and "nope" in str(exc)
+    if _current["transport"] == "openssh":
+        return  # secrets are refused when the rule loads (test_sftp_openssh.py)
     exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, passphrase_secret="pp"),
                                        tmp_path))
     assert isinstance(exc, PermanentError) and "'pp'" in str(exc)
 
 
+@once
 def test_passphrase_protected_identity(tmp_path: Path, sshd: Sshd,  # noqa: F811
                                       sftp_dir: Path) -> None:  # noqa: F811
     """An encrypted identity is unlocked with the passphrase from the secrets folder."""
@@ -209,6 +233,7 @@ def test_passphrase_protected_identity(tmp_path: Path, sshd: Sshd,  # noqa: F811
     assert (sftp_dir / "f").read_bytes() == data
 
 
+@once
 def test_password_login_from_secret(tmp_path: Path, faulty: FaultServer) -> None:
     """Password authentication reads the password from the named secret file."""
     faulty.faults.password = "pw-123"
@@ -240,6 +265,7 @@ def test_missing_root_is_not_created(tmp_path: Path, sshd: Sshd) -> None:  # noq
     assert not root.exists()
 
 
+@once
 def test_vanished_source(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
     """A source that disappeared before staging raises SourceVanished."""
     dest = SftpDestination(rule_for(sshd, sftp_dir))
@@ -275,6 +301,7 @@ def test_readback_verify_and_discard(tmp_path: Path, sshd: Sshd,  # noqa: F811
     assert not (sftp_dir / ".r.bin.tmp").exists()
 
 
+@once
 def test_finish_commit_after_crash(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
     """finish_commit renames a leftover temporary, and reports an already-renamed file."""
     (sftp_dir / ".f.tmp").write_bytes(b"done")
@@ -293,6 +320,7 @@ def test_finish_commit_after_crash(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -
     assert (sftp_dir / "f").read_bytes() == b"done"
 
 
+@once
 def test_staging_folder_temp(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
     """temp: staging uploads into the staging folder, then renames across into place."""
     src, data = payload(tmp_path, 70_000)
@@ -311,6 +339,7 @@ def test_staging_folder_temp(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None
     assert (sftp_dir / "d/s.bin").read_bytes() == data
 
 
+@once
 def test_without_posix_rename_replace_warns(tmp_path: Path, faulty: FaultServer) -> None:
     """Without posix-rename, 'overwrite: replace' removes then renames — with a warning."""
     faulty.faults.no_posix_rename = True
@@ -333,6 +362,7 @@ def test_without_posix_rename_replace_warns(tmp_path: Path, faulty: FaultServer)
     assert [e["target"] for e in warned] == ["t"]  # a new name needs no removal
 
 
+@once
 def test_without_posix_rename_fail_policy_keeps_old(tmp_path: Path,
                                                     faulty: FaultServer) -> None:
     """Without posix-rename, 'overwrite: fail' refuses to replace and keeps the old file."""
@@ -352,6 +382,7 @@ def test_without_posix_rename_fail_policy_keeps_old(tmp_path: Path,
     assert (faulty.root / "t").read_bytes() == b"old"
 
 
+@once
 @pytest.mark.parametrize("posix", [True, False])
 def test_a_missing_temporary_never_costs_the_file_in_place(
         faulty: FaultServer, posix: bool) -> None:
@@ -404,7 +435,8 @@ def test_many_files_share_one_pooled_connection(tmp_path: Path, sshd: Sshd,  # n
         kh = tmp_path / "kh"
         kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
         rule = DestinationRule(name="p", url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}"
-                               f"{sftp_dir}", identity=sshd.client_key, known_hosts=kh)
+                               f"{sftp_dir}", identity=sshd.client_key, known_hosts=kh,
+                               **_current)
         dest = SftpDestination(rule)
 
         async def go() -> None:
@@ -464,6 +496,7 @@ def test_stalled_server_is_aborted_by_watchdog(tmp_path: Path, faulty: FaultServ
     assert any(e["event"] == "sftp_connection_stalled" for e in logs)
 
 
+@once
 def test_recovery_leaves_an_identical_signal_alone(tmp_path: Path, sshd: Sshd,  # noqa: F811
                                                    sftp_dir: Path) -> None:  # noqa: F811
     """After a crash between writing a downstream signal (or a batch's empty _SUCCESS) and
@@ -496,6 +529,7 @@ def test_recovery_leaves_an_identical_signal_alone(tmp_path: Path, sshd: Sshd,  
     assert (sftp_dir / "y.sha256").read_bytes() == b"new\n"
 
 
+@once
 def test_probe_cut_short_is_cleaned_up_by_the_next_one(sshd: Sshd,  # noqa: F811
                                                        sftp_dir: Path) -> None:  # noqa: F811
     """A probe interrupted by a crash (or a lost connection) leaves its scratch files; they

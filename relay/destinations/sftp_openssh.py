@@ -205,11 +205,12 @@ class OpensshLink:
             self.server = "SSH-2.0-" + line.split("remote software version ", 1)[1]
 
     def abort(self) -> None:
+        # Killed processes close their pipes: each channel's reader task sees EOF and fails
+        # every outstanding request (cancelling the readers instead would leave them
+        # waiting for ever).
         self._closed = True
         for p in (*self.channels, self.master):
             p.kill()
-        for t in self._tasks:
-            t.cancel()
         shutil.rmtree(self._sockdir, ignore_errors=True)
 
     def is_closed(self) -> bool:

@@ -1,0 +1,160 @@
+"""``transport: openssh`` (relay/destinations/sftp_openssh.py): what differs from the asyncssh
+transport. The shared behaviour (delivery, probe, host keys, logins, drops, stalls) is
+tested on both transports in test_sftp_destination.py."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from relay.destinations.sftp import SftpDestination
+from relay.destinations.sftp_openssh import OpensshLink, ssh_options
+from relay.errors import PermanentError
+from relay.rules import DestinationRule
+from tests.sshd_server import Sshd, sftp_dir, sshd  # noqa: F401
+
+pytestmark = pytest.mark.timeout(60)
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def rule(server: Sshd, root: Path, **kw: object) -> DestinationRule:
+    opts: dict[str, object] = {"identity": server.client_key,
+                               "known_hosts": server.known_hosts, "transport": "openssh",
+                               "connect_timeout": 5, "login_timeout": 5}
+    opts.update(kw)
+    return DestinationRule(name="partner", url=server.url(root), **opts)  # type: ignore[arg-type]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is dead too: only its parent has not collected it yet
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split(") ", 1)[1][0] != "Z"
+
+
+def _wait_gone(pids: list[int], seconds: float = 10) -> list[int]:
+    deadline = time.monotonic() + seconds
+    while (alive := [p for p in pids if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return alive
+
+
+def test_rule_refuses_what_ssh_cannot_do(tmp_path: Path) -> None:
+    """No identity, or a password/passphrase secret (ssh would prompt), is a rules error at
+    load time, naming the alternative."""
+    base = {"name": "p", "url": "sftp://u@h/in", "transport": "openssh"}
+    with pytest.raises(ValidationError, match="needs `identity`"):
+        DestinationRule(**base)  # type: ignore[arg-type]
+    for secret in ("password_secret", "passphrase_secret"):
+        with pytest.raises(ValidationError, match="transport: asyncssh"):
+            DestinationRule(**base, identity=tmp_path / "k", **{secret: "s"})  # type: ignore[arg-type]
+
+
+def test_ssh_is_told_everything_and_reads_nothing_else(tmp_path: Path) -> None:
+    """No ssh config, agent or default keys; strict host keys from the rule's file only;
+    keepalives and the connect timeout from the rule; AES-GCM preferred."""
+    opts = ssh_options(DestinationRule(
+        name="p", url="sftp://u@h:2222/in", transport="openssh", identity=tmp_path / "k",
+        known_hosts=tmp_path / "kh", keepalive_interval=7, connect_timeout=3), 2222)
+    joined = " ".join(opts)
+    assert opts[:2] == ["-F", "/dev/null"] and opts[2:4] == ["-p", "2222"]
+    for want in ("IdentitiesOnly=yes", "IdentityAgent=none", "StrictHostKeyChecking=yes",
+                 f"UserKnownHostsFile={tmp_path / 'kh'}", "GlobalKnownHostsFile=/dev/null",
+                 "BatchMode=yes", "PasswordAuthentication=no", "ServerAliveInterval=7",
+                 "ServerAliveCountMax=3", "ConnectTimeout=3",
+                 "Ciphers=^aes128-gcm@openssh.com"):
+        assert want in joined, want
+    assert opts[opts.index("-i"):opts.index("-i") + 2] == ["-i", str(tmp_path / "k")]
+
+
+def test_missing_ssh_client_is_a_permanent_error(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                                 sftp_dir: Path,  # noqa: F811
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without OpenSSH's client on PATH the delivery fails permanently, saying what to
+    install."""
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    dest = SftpDestination(rule(sshd, sftp_dir))
+
+    async def go() -> None:
+        try:
+            await dest.start()
+        finally:
+            await dest.close()
+
+    with pytest.raises(PermanentError, match="openssh-client"):
+        asyncio.run(go())
+
+
+def test_one_master_its_channels_and_nothing_left_after_close(
+        tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """One ssh master (one login) carries every channel; close() ends all the processes
+    and removes the control socket's folder."""
+    dest = SftpDestination(rule(sshd, sftp_dir, concurrency=4))
+    logins = sshd.logins()
+
+    async def go() -> tuple[list[int], str]:
+        try:
+            await dest.start()
+            assert dest._session is not None
+            link = dest._session.link
+            assert isinstance(link, OpensshLink)
+            assert len(link.channels) == 4 and len(dest._session.channels) == 4
+            return ([p.proc.pid for p in (link.master, *link.channels)], link._sockdir)
+        finally:
+            await dest.close()
+
+    pids, sockdir = asyncio.run(go())
+    assert sshd.logins() == logins + 1
+    assert _wait_gone(pids) == []
+    assert not os.path.exists(sockdir)
+
+
+CHILD = """
+import asyncio, sys
+from pathlib import Path
+from relay.destinations.sftp import SftpDestination
+from relay.logs import configure
+from relay.rules import DestinationRule
+
+async def main():
+    configure("warning", "json")
+    rule = DestinationRule(name="p", url=sys.argv[1], identity=Path(sys.argv[2]),
+                           known_hosts=Path(sys.argv[3]), transport="openssh")
+    dest = SftpDestination(rule)
+    await dest.start()
+    link = dest._session.link
+    print(" ".join(str(p.proc.pid) for p in (link.master, *link.channels)), flush=True)
+    await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+def test_ssh_processes_die_with_a_sigkilled_relay(sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """kill -9 of relay leaves no ssh process (and so no SSH connection) behind: they are
+    started with PR_SET_PDEATHSIG."""
+    with subprocess.Popen([sys.executable, "-c", CHILD, sshd.url(sftp_dir),
+                           str(sshd.client_key), str(sshd.known_hosts)],
+                          stdout=subprocess.PIPE, text=True, cwd=ROOT) as proc:
+        try:
+            assert proc.stdout is not None
+            pids = [int(p) for p in proc.stdout.readline().split()]
+            assert len(pids) == 9 and all(_alive(p) for p in pids)  # master + 8 channels
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(10)
+            assert _wait_gone(pids) == []
+        finally:
+            proc.kill()
