@@ -80,6 +80,7 @@ class TcpProxy(_ServerThread):
         self.bytes_up = 0    # client → server, every connection
         self.bytes_down = 0  # server → client
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
 
     def cut(self) -> None:
         """Abort every open connection (both sides) now; later ones pass untouched."""
@@ -98,11 +99,25 @@ class TcpProxy(_ServerThread):
     async def _stop(self) -> None:
         assert self._server is not None
         self._server.close()
+        # A connection still being set up when the proxy stops would otherwise be left
+        # open (a ResourceWarning in whichever test runs next).
+        for t in list(self._handlers):
+            t.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         for w in list(self._writers):
             w.transport.abort()
         await self._server.wait_closed()
 
     async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        try:
+            await self._forward(cr, cw)
+        finally:
+            self._handlers.discard(task)
+
+    async def _forward(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         self.connections += 1
         first = self.connections == 1
         try:
@@ -110,6 +125,9 @@ class TcpProxy(_ServerThread):
         except OSError:
             cw.transport.abort()
             return
+        except asyncio.CancelledError:
+            cw.transport.abort()
+            raise
         self._writers.update((cw, sw))
         cut = self.cut_after if first else None
 
@@ -147,6 +165,9 @@ class TcpProxy(_ServerThread):
             await asyncio.gather(up(), down())
         except (OSError, asyncio.IncompleteReadError):
             abort_both()
+        except asyncio.CancelledError:
+            abort_both()
+            raise
         finally:
             self._writers.difference_update((cw, sw))
 
@@ -327,6 +348,12 @@ class ChaosProxy(_ServerThread):
     async def _stop(self) -> None:
         assert self._server is not None
         self._server.close()
+        for c in list(self.conns):
+            c.abort()
+        # A server leg still connecting would be left open (a ResourceWarning later).
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for c in list(self.conns):
             c.abort()
         await self._server.wait_closed()

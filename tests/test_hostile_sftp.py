@@ -86,7 +86,7 @@ CRASH_RATE = 3e6  # bytes/s to destination t
 
 
 def sftp_torture(tmp_path: Path, sshd: Sshd, server_dir: Path,  # noqa: F811
-                 proxy: TcpProxy) -> str:
+                 proxy: TcpProxy, transport: str = "asyncssh") -> str:
     """The crash loop against real sshd (destination t through ``proxy``); returns a
     one-line summary."""
     rng = random.Random(int(os.environ.get("TORTURE_SEED", "20261124")))
@@ -104,7 +104,7 @@ def sftp_torture(tmp_path: Path, sshd: Sshd, server_dir: Path,  # noqa: F811
                                    ("t", t, proxy.port, {"temp": "staging"})):
         dests[name], extra[name] = _sftp_dest(sshd, root, kh if port else None, port,
                                               connect_timeout="5s", login_timeout="5s",
-                                              **more)
+                                              transport=transport, **more)
     rules = write_rules(tmp_path / "rules", source=src, dests=dests, extra_dest=extra)
     doc = yaml.safe_load((rules / "rules.yaml").read_text())
     doc["routes"] = [
@@ -192,15 +192,17 @@ def sftp_torture(tmp_path: Path, sshd: Sshd, server_dir: Path,  # noqa: F811
             f"{sum(o.polls for o in observers)} observer polls, {elapsed:.1f}s")
 
 
+@pytest.mark.parametrize("transport", ["asyncssh", "openssh"])
 def test_sigkill_crash_loop_to_sftp(tmp_path: Path, sshd: Sshd,  # noqa: F811
-                                    sftp_dir: Path) -> None:  # noqa: F811
+                                    sftp_dir: Path, transport: str) -> None:  # noqa: F811
     """Files of mixed sizes, signals and arrival orders, and batches, reach two SFTP
     destinations (hidden temporaries; a staging folder) exactly once and intact while
     relay is SIGKILLed at random instants — also while connecting, probing and
     recovering — with server-side observers that never see a partial, an early signal or
-    a rewritten payload or _SUCCESS; at the end no temporary or probe file is left."""
+    a rewritten payload or _SUCCESS; at the end no temporary or probe file is left. On
+    both SFTP transports (with openssh, each kill also takes relay's ssh processes)."""
     with TcpProxy(sshd.host, sshd.port, rate=CRASH_RATE) as proxy:
-        print(sftp_torture(tmp_path, sshd, sftp_dir, proxy))
+        print(transport, sftp_torture(tmp_path, sshd, sftp_dir, proxy, transport))
 
 
 # -- network chaos between relay and sshd -------------------------------------------------
@@ -210,12 +212,13 @@ CHAOS_BIG = 15
 CHAOS_WAVES = 6
 
 
+@pytest.mark.parametrize("transport", ["asyncssh", "openssh"])
 def test_network_chaos_cuts_stalls_slowdowns(tmp_path: Path, sshd: Sshd,  # noqa: F811
-                                             sftp_dir: Path) -> None:  # noqa: F811
+                                             sftp_dir: Path, transport: str) -> None:  # noqa: F811
     """`relay run` forwards 60 files (15 of 2-6 MB) to real sshd through a proxy that
     cuts, stalls and throttles the connections at random: every file arrives intact exactly
     once, no partial or early signal is ever visible on the server, no temporary is left,
-    the daemon keeps running, and cut transfers resume."""
+    the daemon keeps running, and cut transfers resume. On both SFTP transports."""
     rng = random.Random(int(os.environ.get("CHAOS_SEED", "4242")))
     files: dict[str, bytes] = {}
     for i in range(CHAOS_SMALL):
@@ -230,7 +233,8 @@ def test_network_chaos_cuts_stalls_slowdowns(tmp_path: Path, sshd: Sshd,  # noqa
         kh = tmp_path / "kh"
         kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
         url, extra = _sftp_dest(sshd, sftp_dir, kh, proxy.port, connect_timeout="3s",
-                                login_timeout="3s", keepalive_interval="1s")
+                                login_timeout="3s", keepalive_interval="1s",
+                                transport=transport)
         rules = write_rules(tmp_path / "rules", source=src, dests={"p": url},
                             extra_dest={"p": extra}, route={"then": "delete"})
         observer = Observer(sftp_dir, {k: sha256(v) for k, v in files.items()},
@@ -278,7 +282,8 @@ def test_network_chaos_cuts_stalls_slowdowns(tmp_path: Path, sshd: Sshd,  # noqa
     assert proxy.cuts >= 1 and proxy.stalls >= 1 and proxy.slowdowns >= 1, proxy.actions
     assert _count(log, "delivery_retry_scheduled") >= 1
     assert _count(log, "sftp_connected") >= 2
-    print(f"network chaos: {len(files)} files ({sum(map(len, files.values())) / 1e6:.0f} MB), "
+    print(f"network chaos ({transport}): {len(files)} files "
+          f"({sum(map(len, files.values())) / 1e6:.0f} MB), "
           f"{proxy.summary()}, {_count(log, 'sftp_connected')} SSH logins, "
           f"{_count(log, 'sftp_connection_stalled')} watchdog aborts, "
           f"{_count(log, 'delivery_retry_scheduled')} retries, {resumes} resumes, "
