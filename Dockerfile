@@ -39,6 +39,12 @@ LABEL org.opencontainers.image.title="relay" \
       org.opencontainers.image.description="Watches landing-zone folders and forwards complete files to destinations" \
       org.opencontainers.image.licenses="Apache-2.0"
 
+# OpenSSH's client, for SFTP destinations with `transport: openssh` (docs/sftp.md). The
+# version is pinned to Debian 12's series; the glob takes its security updates.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends 'openssh-client=1:9.2p1-2+deb12u*' \
+    && rm -rf /var/lib/apt/lists/*
+
 # A passwd entry for the fixed UID so libraries that look up the home directory
 # work; no login shell, no home directory contents. Data and state directories
 # are owned by that UID; rules stay root-owned (read-only to relay).
