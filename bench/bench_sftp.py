@@ -50,6 +50,9 @@ from tests.sshd_server import Sshd, running_sshd  # noqa: E402
 GCM = "aes128-gcm@openssh.com"
 # relay's contenders: the same engine over each SFTP transport (rules: `transport`)
 RELAYS = {"relay": "asyncssh", "relay openssh": "openssh"}
+# and, for the large file, without the remote flush (`fsync: false`): what `sftp -b`
+# without -f does, so the price of relay's fsync is visible beside it
+NO_FSYNC = "relay openssh fsync: false"
 
 
 def _ssh_opts(s: Sshd) -> list[str]:
@@ -72,7 +75,8 @@ def _sftp_batch(s: Sshd, batch: Path, *extra: str) -> float:
 
 def _relay(s: Sshd, root: Path, src: Path, out: Path, concurrency: int,
            dest_concurrency: int, sync: str = "full", local: bool = False,
-           transport: str = "asyncssh") -> tuple[float, list[dict[str, Any]]]:
+           transport: str = "asyncssh", fsync: bool = True
+           ) -> tuple[float, list[dict[str, Any]]]:
     """`relay run --once` to the sshd (or, ``local``, to a plain folder): (wall seconds,
     log events)."""
     rules = root / "rules"
@@ -80,7 +84,7 @@ def _relay(s: Sshd, root: Path, src: Path, out: Path, concurrency: int,
     dest = ({"name": "sshd", "url": f"file://{out}"} if local else
             {"name": "sshd", "url": s.url(out), "identity": str(s.client_key),
              "known_hosts": str(s.known_hosts), "concurrency": dest_concurrency,
-             "transport": transport})
+             "transport": transport, "fsync": fsync})
     (rules / "r.yaml").write_text(yaml.safe_dump({
         "sources": [{"name": "in", "path": str(src)}],
         "destinations": [dest],
@@ -126,7 +130,7 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
     digest = _digest(payload)
     sidecar = src / "big.bin.sha256"
     sidecar.write_text(f"{digest}  big.bin\n")
-    names = [f"{r} ({what})" for r in RELAYS
+    names = [f"{r} ({what})" for r in [*RELAYS, NO_FSYNC]
              for what in ("delivery", "verify + delivery", "--once, whole process")]
     names += ["sftp -b", "sftp -b (gcm)", "sftp -b -f (flush)", "scp"]
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -143,8 +147,9 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
             out.mkdir()
             if name.startswith("relay"):
                 r = name.split(" (")[0]
-                wall, events = _relay(s, work / f"relay-large-{i}-{r.replace(' ', '-')}", src,
-                                      out, conc, dest_conc, transport=RELAYS[r])
+                wall, events = _relay(s, work / f"relay-large-{i}-{contenders.index(name)}",
+                                      src, out, conc, dest_conc,
+                                      transport=RELAYS.get(r, "openssh"), fsync=r != NO_FSYNC)
                 times[name].append(wall)
                 times[f"{r} (delivery)"].append(_span(events, "file_ready", "file_delivered"))
                 times[f"{r} (verify + delivery)"].append(
@@ -167,7 +172,8 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
             "mb_s": {k: round(size / v / 1e6, 1) for k, v in med.items()},
             "ratio_to_sftp": {k: round(v / base, 3) for k, v in med.items()},
             "ratio_relay_delivery_to_sftp_gcm": {
-                r: round(med[f"{r} (delivery)"] / med["sftp -b (gcm)"], 3) for r in RELAYS},
+                r: round(med[f"{r} (delivery)"] / med["sftp -b (gcm)"], 3)
+                for r in [*RELAYS, NO_FSYNC]},
             "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
 
 
@@ -320,17 +326,17 @@ def _table(r: dict[str, Any]) -> None:
     print(f"\nmachine: {r['machine']}")
     print(f"relay: {r['relay_settings']}")
     mib = lg["size_bytes"] >> 20
-    print(f"\n{'large: ' + str(mib) + ' MiB + sidecar':<42} {'median':>9} {'MB/s':>8} "
+    print(f"\n{'large: ' + str(mib) + ' MiB + sidecar':<52} {'median':>9} {'MB/s':>8} "
           f"{'time / sftp':>12}")
     for k, v in lg["median_s"].items():
-        print(f"  {k:<40} {v:>8.3f}s {lg['mb_s'][k]:>8} {lg['ratio_to_sftp'][k]:>11}x")
+        print(f"  {k:<50} {v:>8.3f}s {lg['mb_s'][k]:>8} {lg['ratio_to_sftp'][k]:>11}x")
     for r, ratio in lg["ratio_relay_delivery_to_sftp_gcm"].items():
         label = f"{r} (delivery) / sftp -b (gcm)"
-        print(f"  {label:<40} {'':>9} {'':>8} {ratio:>11}x")
-    print(f"\n{'small: ' + str(sm['files']) + ' x 4 KiB + sidecar':<42} {'median':>9} "
+        print(f"  {label:<50} {'':>9} {'':>8} {ratio:>11}x")
+    print(f"\n{'small: ' + str(sm['files']) + ' x 4 KiB + sidecar':<52} {'median':>9} "
           f"{'files/s':>8} {'vs sftp -b':>12}")
     for k, v in sm["median_s"].items():
-        print(f"  {k:<40} {v:>8.3f}s {sm['files_per_s'][k]:>8} "
+        print(f"  {k:<50} {v:>8.3f}s {sm['files_per_s'][k]:>8} "
               f"{sm['speedup_vs_sftp_puts'][k]:>11}x")
 
 
