@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,7 +18,7 @@ from pydantic import ValidationError
 
 from relay.destinations.sftp import SftpDestination
 from relay.destinations.sftp_openssh import OpensshLink, ssh_options
-from relay.errors import PermanentError
+from relay.errors import PermanentError, RetryableError
 from relay.rules import DestinationRule
 from tests.sshd_server import Sshd, sftp_dir, sshd  # noqa: F401
 
@@ -112,7 +113,9 @@ def test_one_master_its_channels_and_nothing_left_after_close(
             link = dest._session.link
             assert isinstance(link, OpensshLink)
             assert len(link.channels) == 4 and len(dest._session.channels) == 4
-            return ([p.proc.pid for p in (link.master, *link.channels)], link._sockdir)
+            pids = [p.proc.pid for p in (link.master, *link.channels)]
+            assert _ssh_children() >= set(pids)
+            return pids, link._sockdir
         finally:
             await dest.close()
 
@@ -158,3 +161,74 @@ def test_ssh_processes_die_with_a_sigkilled_relay(sshd: Sshd, sftp_dir: Path) ->
             assert _wait_gone(pids) == []
         finally:
             proc.kill()
+
+
+def test_sub_second_keepalive_is_not_turned_off(tmp_path: Path) -> None:
+    """ssh takes whole seconds: 0.25 s becomes 1 s, not 0 (which would disable it)."""
+    opts = ssh_options(DestinationRule(
+        name="p", url="sftp://u@h/in", transport="openssh", identity=tmp_path / "k",
+        keepalive_interval=0.25, connect_timeout=0.5), 22)
+    assert "ServerAliveInterval=1" in opts and "ConnectTimeout=1" in opts
+    off = ssh_options(DestinationRule(name="p", url="sftp://u@h/in", transport="openssh",
+                                      identity=tmp_path / "k", keepalive_interval=0), 22)
+    assert "ServerAliveInterval=0" in off
+
+
+def _start_failure(r: DestinationRule) -> tuple[Exception, float]:
+    dest = SftpDestination(r)
+
+    async def go() -> Exception:
+        try:
+            await dest.start()
+        except Exception as exc:
+            return exc
+        finally:
+            await dest.close()
+        raise AssertionError("start() succeeded")
+
+    t0 = time.monotonic()
+    exc = asyncio.run(go())
+    return exc, time.monotonic() - t0
+
+
+def test_nothing_listening_is_retryable(sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """A closed port fails at once, retryably, with ssh's own reason."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again before ssh tries it
+    r = rule(sshd, sftp_dir).model_copy(
+        update={"url": f"sftp://{sshd.user}@127.0.0.1:{port}{sftp_dir}"})
+    exc, took = _start_failure(r)
+    assert isinstance(exc, RetryableError) and "Connection refused" in str(exc), exc
+    assert took < 5
+
+
+def test_silent_server_times_out(sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """A server that accepts the TCP connection and never says a word: the attempt fails
+    retryably within connect_timeout + login_timeout, and no ssh process stays."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        r = rule(sshd, sftp_dir, connect_timeout=1, login_timeout=1).model_copy(
+            update={"url": f"sftp://{sshd.user}@127.0.0.1:{port}{sftp_dir}"})
+        before = _ssh_children()
+        exc, took = _start_failure(r)
+    assert isinstance(exc, RetryableError), exc
+    assert took < 4, took
+    assert _wait_gone(sorted(_ssh_children() - before)) == []
+
+
+def _ssh_children() -> set[int]:
+    me = str(os.getpid())
+    found = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            comm, rest = stat.split(" (", 1)[1].split(") ", 1)
+            if comm == "ssh" and rest.split()[1] == me:
+                found.add(int(d.name))
+    return found

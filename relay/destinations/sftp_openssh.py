@@ -26,6 +26,7 @@ import collections
 import contextlib
 import ctypes
 import fcntl
+import math
 import os
 import shutil
 import signal
@@ -69,7 +70,8 @@ def ssh_binary() -> str:
 def ssh_options(rule: DestinationRule, port: int) -> list[str]:
     """Everything ``ssh`` needs from the rule, and nothing from the environment."""
     known = rule.known_hosts or Path.home() / ".ssh" / "known_hosts"
-    keepalive = int(rule.keepalive_interval) if rule.keepalive_interval > 0 else 0
+    # ssh takes whole seconds: round up, so a sub-second interval does not become 0 (off)
+    keepalive = math.ceil(rule.keepalive_interval) if rule.keepalive_interval > 0 else 0
     return [
         "-F", "/dev/null", "-p", str(port),
         "-i", str(rule.identity), "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
@@ -77,7 +79,7 @@ def ssh_options(rule: DestinationRule, port: int) -> list[str]:
         "-o", "StrictHostKeyChecking=yes", "-o", "UpdateHostKeys=no", "-o", "CheckHostIP=no",
         "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no",
         "-o", "KbdInteractiveAuthentication=no", "-o", "HostbasedAuthentication=no",
-        "-o", f"ConnectTimeout={max(1, round(rule.connect_timeout))}",
+        "-o", f"ConnectTimeout={max(1, math.ceil(rule.connect_timeout))}",
         "-o", f"ServerAliveInterval={keepalive}", "-o", "ServerAliveCountMax=3",
         "-o", f"Ciphers={CIPHERS}", "-o", "Compression=no",
         "-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes",
