@@ -63,6 +63,47 @@ MAX_WRITE = 256 * 1024  # even if a server allows more: finer acknowledgements t
 MAX_CHANNELS = 8
 FSYNC_FLOOR = 20e6  # bytes/s a server's disk flushes at least: extra watchdog patience
 PIECES_PER_BLOCK = 8   # source read + hashed per thread hop: 8 x the write limit (2 MiB)
+FLUSH_WINDOW = 128 * 1024 * 1024  # large uploads: flush each window early (_EarlyFlush)
+
+
+class _EarlyFlush:
+    """For a large upload, fsync what the server has acknowledged so far, every
+    FLUSH_WINDOW bytes, through a second handle on another channel: sftp-server answers one
+    request at a time per channel, so an fsync among the writes would stall them, while on
+    another channel it runs beside them. The final fsync then waits for the tail only (the
+    local backend does the same with sync_file_range). Best effort: a failure here is
+    ignored; the final fsync on the upload's own handle is what counts."""
+
+    def __init__(self, s: Session, busy: asyncssh.SFTPClient, path: str) -> None:
+        others = [c for c in s.channels if c is not busy]
+        self._sftp = others[0] if others else None
+        self._path = path
+        self._next = FLUSH_WINDOW
+        self._task: asyncio.Task[None] | None = None
+        self._file: asyncssh.SFTPClientFile | None = None
+        self.flushed: list[int] = []  # acknowledged offsets flushed (for tests and logs)
+
+    def acked(self, n: int) -> None:
+        if self._sftp is None or n < self._next or (self._task and not self._task.done()):
+            return
+        self._next = n + FLUSH_WINDOW
+        self._task = asyncio.ensure_future(self._flush(n))
+
+    async def _flush(self, n: int) -> None:
+        assert self._sftp is not None
+        with contextlib.suppress(asyncssh.Error, OSError):
+            if self._file is None:
+                self._file = await self._sftp.open(self._path, "rb")
+            await self._file.fsync()
+            self.flushed.append(n)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncssh.Error, OSError):
+                await self._task
+        if self._file is not None:
+            with contextlib.suppress(asyncssh.Error, OSError):
+                await self._file.close()
 
 
 class SftpDestination:
@@ -264,7 +305,8 @@ class SftpDestination:
             if start:
                 with s.idle():
                     await asyncio.to_thread(hash_prefix, fd, start, mh)
-            total, size, fsynced = await self._upload(s, sftp, fd, path, start, mh, progress)
+            total, size, fsynced, early = await self._upload(s, sftp, fd, path, start, mh,
+                                                             progress)
             if total >= 0 and size == total:
                 break
             if not start:
@@ -285,7 +327,8 @@ class SftpDestination:
         progress(total)
         return Staged(target=target, tmp=tmp, size=total, digests=digests,
                       resumed_from=start, fallbacks=fallbacks,
-                      extra={"fsynced": fsynced, "verified": self.rule.verify})
+                      extra={"fsynced": fsynced, "verified": self.rule.verify,
+                             "early_flushes": early})
 
     async def _resume_point(self, s: Session, sftp: asyncssh.SFTPClient, fd: int,
                             path: str, acked: int) -> tuple[int, str | None]:
@@ -319,29 +362,40 @@ class SftpDestination:
         return acked, None
 
     async def _upload(self, s: Session, sftp: asyncssh.SFTPClient, fd: int, path: str,
-                      start: int, mh: MultiHash, progress: Progress) -> tuple[int, int, bool]:
+                      start: int, mh: MultiHash, progress: Progress
+                      ) -> tuple[int, int, bool, int]:
         """Stream fd[start:] into ``path`` (truncating unless resuming), flush it, and
-        return (end offset, remote size, fsynced); end is -1 if a resumed partial was
-        truncated on open."""
+        return (end offset, remote size, fsynced, early flushes); end is -1 if a resumed
+        partial was truncated on open."""
+        fsynced = bool(self.rule.fsync and self.capabilities.get("fsync"))
+        early = _EarlyFlush(s, sftp, path) if (
+            fsynced and os.fstat(fd).st_size - start >= 2 * FLUSH_WINDOW) else None
+
         def on_ack(n: int) -> None:
             s.touch()
             progress(n)
+            if early is not None:
+                early.acked(n)
 
         async with sftp.open(path, "r+b" if start else "wb", block_size=0) as f:
             if start and ((await f.stat()).size or 0) < start:
-                return -1, 0, False
+                return -1, 0, False, 0
             write_len = min(sftp.limits.max_write_len, MAX_WRITE)
-            total = await upload(f, fd, start, mh, write_len=write_len,
-                                 pieces_per_block=PIECES_PER_BLOCK,
-                                 max_inflight=MAX_INFLIGHT, on_ack=on_ack,
-                                 heartbeat=s.touch)
-            fsynced = bool(self.rule.fsync and self.capabilities.get("fsync"))
+            try:
+                total = await upload(f, fd, start, mh, write_len=write_len,
+                                     pieces_per_block=PIECES_PER_BLOCK,
+                                     max_inflight=MAX_INFLIGHT, on_ack=on_ack,
+                                     heartbeat=s.touch)
+            finally:
+                if early is not None:
+                    with s.patience(FLUSH_WINDOW / FSYNC_FLOOR):
+                        await early.close()
             if fsynced:
                 # The server writes back everything dirty: allow for a slow disk.
                 with s.patience((total - start) / FSYNC_FLOOR):
                     await f.fsync()
             size = (await f.stat()).size or 0
-        return total, size, fsynced
+        return total, size, fsynced, len(early.flushed) if early else 0
 
     async def _rename(self, sftp: asyncssh.SFTPClient, tmp: str, target: str) -> None:
         src, dst = self._path(tmp), self._path(target)
