@@ -236,6 +236,8 @@ def _refusal(what: str, rule: DestinationRule, user: str, p: _Proc, rc: int) -> 
         # ssh names a key it would not use (bad permissions, unreadable) on an earlier line
         return RetryableError(f"{what}: login refused for {user} ({'; '.join(lines[-3:])}); "
                               "check identity")
+    if "No user exists for uid" in text:  # ssh needs a passwd entry for relay's UID
+        return PermanentError(f"{what}: {last} (ssh needs a passwd entry for relay's user)")
     if "Load key" in text or "invalid format" in text:
         return PermanentError(f"{what}: cannot load identity {rule.identity}: {last}")
     return RetryableError(f"{what}: {last}")
