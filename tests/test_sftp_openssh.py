@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
@@ -128,6 +129,7 @@ def test_one_master_its_channels_and_nothing_left_after_close(
 CHILD = """
 import asyncio, sys
 from pathlib import Path
+from typing import Any
 from relay.destinations.sftp import SftpDestination
 from relay.logs import configure
 from relay.rules import DestinationRule
@@ -232,3 +234,29 @@ def _ssh_children() -> set[int]:
             if comm == "ssh" and rest.split()[1] == me:
                 found.add(int(d.name))
     return found
+
+
+@pytest.mark.parametrize(("stderr", "kind", "says"), [
+    ("Host key verification failed.", PermanentError, "host key refused"),
+    ("@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @", PermanentError,
+     "host key refused"),
+    ("u@h: Permission denied (publickey).", RetryableError, "login refused for u"),
+    ("No user exists for uid 4242", PermanentError, "passwd entry"),
+    ("Load key \"/k\": invalid format", PermanentError, "cannot load identity"),
+    ("ssh: connect to host h port 22: Connection refused", RetryableError,
+     "Connection refused"),
+])
+def test_ssh_errors_become_relay_errors(tmp_path: Path, stderr: str, kind: type,
+                                        says: str) -> None:
+    """What ssh prints before it gives up decides permanent vs retryable, as with asyncssh
+    (the host-key, login and closed-port cases also run against real servers above and in
+    test_sftp_destination.py)."""
+    from types import SimpleNamespace
+
+    from relay.destinations.sftp_openssh import _refusal
+
+    r = DestinationRule(name="p", url="sftp://u@h/in", transport="openssh",
+                        identity=tmp_path / "k")
+    proc: Any = SimpleNamespace(errors=lambda: ["OpenSSH_9.2p1, OpenSSL 3.0", stderr])
+    exc = _refusal("connecting to h:22", r, "u", proc, 255)
+    assert type(exc) is kind and says in str(exc), exc
