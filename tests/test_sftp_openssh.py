@@ -260,3 +260,27 @@ def test_ssh_errors_become_relay_errors(tmp_path: Path, stderr: str, kind: type,
     proc: Any = SimpleNamespace(errors=lambda: ["OpenSSH_9.2p1, OpenSSL 3.0", stderr])
     exc = _refusal("connecting to h:22", r, "u", proc, 255)
     assert type(exc) is kind and says in str(exc), exc
+
+
+def test_a_server_allowing_fewer_sessions_gets_fewer_channels(tmp_path: Path) -> None:
+    """sshd with MaxSessions 2: the server refuses the other multiplexed channels; relay
+    goes on with the two it got, over one login, and delivers. (ssh's own fallback, a new
+    connection and login per refused channel, is forbidden: found by this test.)"""
+    from tests.sshd_server import running_sshd
+
+    with running_sshd(tmp_path / "sshd", "MaxSessions 2") as server:
+        dest = SftpDestination(rule(server, server.root))
+        src = tmp_path / "f"
+        src.write_bytes(os.urandom(300_000))
+
+        async def go() -> int:
+            try:
+                staged = await dest.stage(src, "f", (), 0, lambda n: None)
+                await dest.commit(staged)
+                return int(dest.capabilities["channels"])  # type: ignore[call-overload]
+            finally:
+                await dest.close()
+
+        assert asyncio.run(go()) == 2
+        assert (server.root / "f").read_bytes() == src.read_bytes()
+        assert server.logins() == 1

@@ -285,8 +285,11 @@ async def _channel(link: OpensshLink, ssh: str, opts: list[str], sock: str, user
     try:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
-        p = await _spawn(ssh, *opts, "-S", sock, "-o", "ControlMaster=no", "-s", "--",
-                         f"{user}@{host}", "sftp", stdio=theirs)
+        # If the master cannot open the session (the server's MaxSessions), ssh would fall
+        # back to a connection (and login) of its own: a proxy that fails forbids that.
+        p = await _spawn(ssh, *opts, "-S", sock, "-o", "ControlMaster=no",
+                         "-o", "ProxyCommand=false", "-s", "--", f"{user}@{host}", "sftp",
+                         stdio=theirs)
     except BaseException:
         ours.close()
         raise
@@ -302,7 +305,7 @@ async def _channel(link: OpensshLink, ssh: str, opts: list[str], sock: str, user
         await handler.start()
     except (asyncssh.Error, OSError, EOFError) as exc:
         lines = p.errors()
-        p.kill()
+        writer.close()  # our end of the socket pair, and the process
         raise RetryableError(lines[-1] if lines else str(exc)) from exc
     link._tasks.append(asyncio.ensure_future(handler.recv_packets()))
     await handler.request_limits()
