@@ -242,7 +242,10 @@ def _ssh_children() -> set[int]:
      "host key refused"),
     ("u@h: Permission denied (publickey).", RetryableError, "login refused for u"),
     ("No user exists for uid 4242", PermanentError, "passwd entry"),
-    ("Load key \"/k\": invalid format", PermanentError, "cannot load identity"),
+    ("Load key \"/k\": invalid format\nu@h: Permission denied (publickey).", PermanentError,
+     "cannot load identity"),
+    ("Load key \"/k\": bad permissions\nu@h: Permission denied (publickey).", RetryableError,
+     "bad permissions"),
     ("ssh: connect to host h port 22: Connection refused", RetryableError,
      "Connection refused"),
 ])
@@ -257,7 +260,8 @@ def test_ssh_errors_become_relay_errors(tmp_path: Path, stderr: str, kind: type,
 
     r = DestinationRule(name="p", url="sftp://u@h/in", transport="openssh",
                         identity=tmp_path / "k")
-    proc: Any = SimpleNamespace(errors=lambda: ["OpenSSH_9.2p1, OpenSSL 3.0", stderr])
+    proc: Any = SimpleNamespace(errors=lambda: ["OpenSSH_9.2p1, OpenSSL 3.0",
+                                                *stderr.splitlines()])
     exc = _refusal("connecting to h:22", r, "u", proc, 255)
     assert type(exc) is kind and says in str(exc), exc
 
@@ -284,3 +288,31 @@ def test_a_server_allowing_fewer_sessions_gets_fewer_channels(tmp_path: Path) ->
         assert asyncio.run(go()) == 2
         assert (server.root / "f").read_bytes() == src.read_bytes()
         assert server.logins() == 1
+
+
+def test_a_key_others_can_read_is_refused_with_ssh_saying_why(
+        tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """ssh ignores a private key of relay's own user that others may read: the login is
+    refused (retryable: fixing the mode needs no `relay retry`) and the error carries ssh's
+    words for it (Kubernetes secret files are owned by root, so ssh does not check them).
+    A file that is no key at all is a permanent error; the fixed key logs in."""
+    key = tmp_path / "id"
+    key.write_bytes(sshd.client_key.read_bytes())
+    key.chmod(0o644)
+    exc, _ = _start_failure(rule(sshd, sftp_dir, identity=key))
+    assert isinstance(exc, RetryableError) and "login refused" in str(exc)
+    assert "bad permissions" in str(exc), exc
+    key.write_text("not a key\n")
+    exc, _ = _start_failure(rule(sshd, sftp_dir, identity=key))
+    assert isinstance(exc, PermanentError) and "invalid format" in str(exc), exc
+    key.write_bytes(sshd.client_key.read_bytes())
+    key.chmod(0o600)
+    dest = SftpDestination(rule(sshd, sftp_dir, identity=key))
+
+    async def go() -> None:
+        try:
+            await dest.start()
+        finally:
+            await dest.close()
+
+    asyncio.run(go())
