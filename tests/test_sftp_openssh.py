@@ -303,10 +303,10 @@ def test_a_key_others_can_read_is_refused_with_ssh_saying_why(
     assert isinstance(exc, RetryableError) and "login refused" in str(exc)
     assert "bad permissions" in str(exc), exc
     key.write_text("not a key\n")
+    key.chmod(0o600)
     exc, _ = _start_failure(rule(sshd, sftp_dir, identity=key))
     assert isinstance(exc, PermanentError) and "invalid format" in str(exc), exc
     key.write_bytes(sshd.client_key.read_bytes())
-    key.chmod(0o600)
     dest = SftpDestination(rule(sshd, sftp_dir, identity=key))
 
     async def go() -> None:
