@@ -244,6 +244,8 @@ def _ssh_children() -> set[int]:
     ("No user exists for uid 4242", PermanentError, "passwd entry"),
     ("Load key \"/k\": invalid format\nu@h: Permission denied (publickey).", PermanentError,
      "cannot load identity"),
+    ("Load key \"/k\": error in libcrypto\nu@h: Permission denied (publickey).",
+     PermanentError, "error in libcrypto"),
     ("Load key \"/k\": bad permissions\nu@h: Permission denied (publickey).", RetryableError,
      "bad permissions"),
     ("ssh: connect to host h port 22: Connection refused", RetryableError,
@@ -305,7 +307,7 @@ def test_a_key_others_can_read_is_refused_with_ssh_saying_why(
     key.write_text("not a key\n")
     key.chmod(0o600)
     exc, _ = _start_failure(rule(sshd, sftp_dir, identity=key))
-    assert isinstance(exc, PermanentError) and "invalid format" in str(exc), exc
+    assert isinstance(exc, PermanentError) and "cannot load identity" in str(exc), exc
     key.write_bytes(sshd.client_key.read_bytes())
     dest = SftpDestination(rule(sshd, sftp_dir, identity=key))
 

@@ -222,11 +222,12 @@ def _refusal(what: str, rule: DestinationRule, user: str, p: _Proc, rc: int) -> 
             f"{rule.known_hosts or '~/.ssh/known_hosts'}, then `relay retry`")
     if "No user exists for uid" in text:  # ssh needs a passwd entry for relay's UID
         return PermanentError(f"{what}: {last} (ssh needs a passwd entry for relay's user)")
-    # ssh goes on without a key it cannot parse, so "Permission denied" follows: a key that
-    # is not a key is permanent (as with asyncssh); one with a too open mode can be fixed
-    # in place, so that stays a retryable refused login.
+    # ssh goes on without a key it cannot load, so "Permission denied" follows. A key that
+    # is not a key ("invalid format", "error in libcrypto") or is encrypted is permanent
+    # (as with asyncssh); one with a too open mode can be fixed in place, so that stays a
+    # retryable refused login.
     key_line = next((ln for ln in lines if ln.startswith("Load key")), "")
-    if "invalid format" in key_line:
+    if key_line and "bad permissions" not in key_line:
         return PermanentError(f"{what}: cannot load identity {rule.identity}: {key_line}")
     if "Permission denied" in text:
         # ssh names a key it would not use (bad permissions, unreadable) on an earlier line
