@@ -106,6 +106,12 @@ class _EarlyFlush:
                 await self._file.close()
 
 
+async def _wait_closed(link: Link) -> None:
+    """Until an aborted connection is closed (its processes collected), at most 5 s."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(link.wait_closed(), 5)
+
+
 class SftpDestination:
     """A folder on an SFTP server, reached over one pooled SSH connection."""
 
@@ -118,6 +124,7 @@ class SftpDestination:
         self.capabilities: dict[str, object] = {}
         self.connections = 0  # successful logins so far (one per reconnect)
         self._session: Session | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # lost connections still closing
         self._connecting = asyncio.Lock()
         limit = rule.concurrency or DEFAULT_CONCURRENCY
         self._slots = asyncio.Semaphore(limit)
@@ -230,6 +237,10 @@ class SftpDestination:
         if session is not None and session is self._session:
             self._session = None
             session.close()
+            # collect its processes in the background (close() waits for what is left)
+            task = asyncio.ensure_future(_wait_closed(session.link))
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
             log.info("sftp_disconnected", destination=self.name, host=self.host)
 
     @contextlib.asynccontextmanager
@@ -268,8 +279,9 @@ class SftpDestination:
         s, self._session = self._session, None
         if s is not None:
             s.close()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(s.link.wait_closed(), 5)
+            await _wait_closed(s.link)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
 
     async def stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
                     progress: Progress) -> Staged:

@@ -210,6 +210,13 @@ class OpensshLink:
         for p in (*self.channels, self.master):
             await p.wait()
 
+    async def reap(self) -> None:
+        """Abort and collect the processes (they die at once): a process left to the end
+        of the event loop leaves its transport to the garbage collector."""
+        self.abort()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.wait_closed(), 5)
+
 
 def _refusal(what: str, rule: DestinationRule, user: str, p: _Proc, rc: int) -> Exception:
     """The error ``ssh`` reported before the connection was up, as a relay error."""
@@ -271,12 +278,15 @@ async def open_openssh(rule: DestinationRule, user: str, host: str, port: int,
         opened = await asyncio.wait_for(asyncio.gather(
             *(_channel(link, ssh, opts, sock, user, host) for _ in range(channels)),
             return_exceptions=True), stall)
-    except BaseException:
+    except Exception:
+        await link.reap()
+        raise
+    except BaseException:  # cancelled: no more awaiting
         link.abort()
         raise
     clients = [c for c in opened if isinstance(c, asyncssh.SFTPClient)]
     if not clients:  # more channels are a bonus (MaxSessions); none is a failure
-        link.abort()
+        await link.reap()
         errs = [e for e in opened if isinstance(e, BaseException)]
         raise RetryableError(f"{what}: no SFTP channel opened ({errs[0] if errs else '?'})")
     return link, clients
