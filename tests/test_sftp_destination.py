@@ -570,7 +570,8 @@ def test_large_upload_is_flushed_early_beside_the_writes(
             await dest.close()
 
     staged = asyncio.run(stage(SftpDestination(rule_for(sshd, sftp_dir)), "a.bin"))
-    assert staged.extra["fsynced"] and staged.extra["early_flushes"] >= 2, staged.extra
+    # One flush at a time: how many fit in 6 MiB depends on the disk (2-5 seen; 1 in CI)
+    assert staged.extra["fsynced"] and staged.extra["early_flushes"] >= 1, staged.extra
     assert (sftp_dir / "a.bin").read_bytes() == data
     off = asyncio.run(stage(SftpDestination(rule_for(sshd, sftp_dir, fsync=False)), "b.bin"))
     assert off.extra["early_flushes"] == 0 and not off.extra["fsynced"]
