@@ -93,14 +93,15 @@ class TcpProxy(_ServerThread):
         self._loop.call_soon_threadsafe(_abort)
 
     async def _start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self.host, 0)
+        self._server = await asyncio.start_server(self._accepted, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def _stop(self) -> None:
         assert self._server is not None
         self._server.close()
         # A connection still being set up when the proxy stops would otherwise be left
-        # open (a ResourceWarning in whichever test runs next).
+        # open (a ResourceWarning in whichever test runs next): its handler may not even
+        # have started, so its client side is aborted here too.
         for t in list(self._handlers):
             t.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
@@ -108,14 +109,19 @@ class TcpProxy(_ServerThread):
             w.transport.abort()
         await self._server.wait_closed()
 
-    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _accepted(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        # Registered before the handler runs: a task cancelled before its first step
+        # never runs its own cleanup.
+        self._writers.add(cw)
+        task = asyncio.ensure_future(self._handle(cr, cw))
         self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
+
+    async def _handle(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         try:
             await self._forward(cr, cw)
         finally:
-            self._handlers.discard(task)
+            self._writers.discard(cw)
 
     async def _forward(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -189,6 +195,11 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        if self.conn.closed:
+            # cut (or the proxy stopped) between accept and now: abort() found no
+            # transport to close, and nobody else would ever close this one
+            transport.abort()
+            return
         self.conn.wake.set()
 
     def data_received(self, data: bytes) -> None:
