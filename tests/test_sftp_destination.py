@@ -553,12 +553,12 @@ def test_probe_cut_short_is_cleaned_up_by_the_next_one(sshd: Sshd,  # noqa: F811
 def test_large_upload_is_flushed_early_beside_the_writes(
         tmp_path: Path, sshd: Sshd, sftp_dir: Path,  # noqa: F811
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each FLUSH_WINDOW acknowledged is fsynced through a second handle on another channel
-    while the writes go on, so the final fsync waits for the tail only; a failing early
-    flush changes nothing (the final fsync counts); none without fsync."""
-    from relay.destinations import sftp as sftp_mod
+    """Each EarlyFlush.window acknowledged is fsynced through a second handle on another
+    channel while the writes go on, so the final fsync waits for the tail only; a failing
+    early flush changes nothing (the final fsync counts); none without fsync."""
+    from relay.destinations.sftp_session import EarlyFlush
 
-    monkeypatch.setattr(sftp_mod, "FLUSH_WINDOW", 1 << 20)
+    monkeypatch.setattr(EarlyFlush, "window", 1 << 20)
     src, data = payload(tmp_path, 6 << 20)
 
     async def stage(dest: SftpDestination, target: str) -> Any:
@@ -576,13 +576,13 @@ def test_large_upload_is_flushed_early_beside_the_writes(
     off = asyncio.run(stage(SftpDestination(rule_for(sshd, sftp_dir, fsync=False)), "b.bin"))
     assert off.extra["early_flushes"] == 0 and not off.extra["fsynced"]
 
-    real_init = sftp_mod._EarlyFlush.__init__
+    real_init = EarlyFlush.__init__
 
     def broken(self: Any, *args: Any) -> None:
         real_init(self, *args)
         self._path += ".missing"  # the open on the second channel fails
 
-    monkeypatch.setattr(sftp_mod._EarlyFlush, "__init__", broken)
+    monkeypatch.setattr(EarlyFlush, "__init__", broken)
     failed = asyncio.run(stage(SftpDestination(rule_for(sshd, sftp_dir)), "c.bin"))
     assert failed.extra["fsynced"] and failed.extra["early_flushes"] == 0
     assert (sftp_dir / "c.bin").read_bytes() == data

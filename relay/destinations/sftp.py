@@ -1,5 +1,7 @@
-"""``sftp://user@host:port/path`` destinations over asyncssh (with sftp_session.py and
-sftp_errors.py, the only modules importing it).
+"""``sftp://user@host:port/path`` destinations over asyncssh's SFTP client (with
+sftp_session.py, sftp_errors.py and sftp_openssh.py, the only modules importing it). The
+SSH connection under it is asyncssh's or, with ``transport: openssh``, OpenSSH's ``ssh``
+(sftp_openssh.py).
 
 One pooled SSH connection per destination carries up to 8 SFTP channels (never more than
 ``rule.concurrency``; fewer if the server refuses more sessions); up to ``rule.concurrency``
@@ -43,7 +45,14 @@ from relay.destinations.sftp_errors import translate, unsupported
 from relay.destinations.sftp_io import hash_prefix, read_hash, upload
 from relay.destinations.sftp_openssh import open_openssh
 from relay.destinations.sftp_probe import probe
-from relay.destinations.sftp_session import AsyncsshLink, Link, Session, parse_sftp_url
+from relay.destinations.sftp_session import (
+    AsyncsshLink,
+    EarlyFlush,
+    Link,
+    Session,
+    parse_sftp_url,
+    wait_closed,
+)
 from relay.errors import PermanentError, RetryableError, SignalFailed, SourceVanished
 from relay.hashing import MultiHash
 from relay.logs import get_logger
@@ -63,55 +72,6 @@ MAX_WRITE = 256 * 1024  # even if a server allows more: finer acknowledgements t
 MAX_CHANNELS = 8
 FSYNC_FLOOR = 20e6  # bytes/s a server's disk flushes at least: extra watchdog patience
 PIECES_PER_BLOCK = 8   # source read + hashed per thread hop: 8 x the write limit (2 MiB)
-FLUSH_WINDOW = 128 * 1024 * 1024  # large uploads: flush each window early (_EarlyFlush)
-
-
-class _EarlyFlush:
-    """For a large upload, fsync what the server has acknowledged so far, every
-    FLUSH_WINDOW bytes, through a second handle on another channel: sftp-server answers one
-    request at a time per channel, so an fsync among the writes would stall them, while on
-    another channel it runs beside them. The final fsync then waits for the tail only (the
-    local backend does the same with sync_file_range). Best effort: a failure here is
-    ignored; the final fsync on the upload's own handle is what counts."""
-
-    def __init__(self, s: Session, busy: asyncssh.SFTPClient, path: str) -> None:
-        others = [c for c in s.channels if c is not busy]
-        self._sftp = others[0] if others else None
-        self._path = path
-        self._next = FLUSH_WINDOW
-        self._task: asyncio.Task[None] | None = None
-        self._file: asyncssh.SFTPClientFile | None = None
-        self.flushed: list[int] = []  # acknowledged offsets flushed (for tests and logs)
-
-    def acked(self, n: int) -> None:
-        if self._sftp is None or n < self._next or (self._task and not self._task.done()):
-            return
-        self._next = n + FLUSH_WINDOW
-        self._task = asyncio.ensure_future(self._flush(n))
-
-    async def _flush(self, n: int) -> None:
-        assert self._sftp is not None
-        with contextlib.suppress(asyncssh.Error, OSError):
-            if self._file is None:
-                self._file = await self._sftp.open(self._path, "rb")
-            await self._file.fsync()
-            self.flushed.append(n)
-
-    async def close(self) -> None:
-        if self._task is not None:
-            with contextlib.suppress(asyncssh.Error, OSError):
-                await self._task
-        if self._file is not None:
-            with contextlib.suppress(asyncssh.Error, OSError):
-                await self._file.close()
-
-
-async def _wait_closed(link: Link) -> None:
-    """Until an aborted connection is closed (its processes collected), at most 5 s."""
-    with contextlib.suppress(Exception):
-        await asyncio.wait_for(link.wait_closed(), 5)
-
-
 class SftpDestination:
     """A folder on an SFTP server, reached over one pooled SSH connection."""
 
@@ -238,7 +198,7 @@ class SftpDestination:
             self._session = None
             session.close()
             # collect its processes in the background (close() waits for what is left)
-            task = asyncio.ensure_future(_wait_closed(session.link))
+            task = asyncio.ensure_future(wait_closed(session.link))
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
             log.info("sftp_disconnected", destination=self.name, host=self.host)
@@ -279,7 +239,7 @@ class SftpDestination:
         s, self._session = self._session, None
         if s is not None:
             s.close()
-            await _wait_closed(s.link)
+            await wait_closed(s.link)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
 
@@ -380,8 +340,8 @@ class SftpDestination:
         return (end offset, remote size, fsynced, early flushes); end is -1 if a resumed
         partial was truncated on open."""
         fsynced = bool(self.rule.fsync and self.capabilities.get("fsync"))
-        early = _EarlyFlush(s, sftp, path) if (
-            fsynced and os.fstat(fd).st_size - start >= 2 * FLUSH_WINDOW) else None
+        early = EarlyFlush(s, sftp, path) if (
+            fsynced and os.fstat(fd).st_size - start >= 2 * EarlyFlush.window) else None
 
         def on_ack(n: int) -> None:
             s.touch()
@@ -400,7 +360,7 @@ class SftpDestination:
                                      heartbeat=s.touch)
             finally:
                 if early is not None:
-                    with s.patience(FLUSH_WINDOW / FSYNC_FLOOR):
+                    with s.patience(EarlyFlush.window / FSYNC_FLOOR):
                         await early.close()
             if fsynced:
                 # The server writes back everything dirty: allow for a slow disk.

@@ -20,7 +20,7 @@ import asyncssh
 
 from relay.logs import get_logger
 
-__all__ = ["AsyncsshLink", "Link", "Session", "parse_sftp_url"]
+__all__ = ["AsyncsshLink", "EarlyFlush", "Link", "Session", "parse_sftp_url", "wait_closed"]
 
 log = get_logger()
 
@@ -151,3 +151,51 @@ class Session:
         if self._timer is not None:
             self._timer.cancel()
         self.link.abort()
+
+
+async def wait_closed(link: Link) -> None:
+    """Until an aborted connection is closed (its processes collected), at most 5 s."""
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(link.wait_closed(), 5)
+
+
+class EarlyFlush:
+    """For a large upload, fsync what the server has acknowledged so far, every ``window``
+    bytes, through a second handle on another channel: sftp-server answers one request at a
+    time per channel, so an fsync among the writes would stall them, while on another
+    channel it runs beside them. The final fsync then waits for the tail only (the local
+    backend does the same with sync_file_range). Best effort: a failure here is ignored;
+    the final fsync on the upload's own handle is what counts."""
+
+    window = 128 * 1024 * 1024
+
+    def __init__(self, s: Session, busy: asyncssh.SFTPClient, path: str) -> None:
+        others = [c for c in s.channels if c is not busy]
+        self._sftp = others[0] if others else None
+        self._path = path
+        self._next = self.window
+        self._task: asyncio.Task[None] | None = None
+        self._file: asyncssh.SFTPClientFile | None = None
+        self.flushed: list[int] = []  # acknowledged offsets flushed (counted in Staged)
+
+    def acked(self, n: int) -> None:
+        if self._sftp is None or n < self._next or (self._task and not self._task.done()):
+            return
+        self._next = n + self.window
+        self._task = asyncio.ensure_future(self._flush(n))
+
+    async def _flush(self, n: int) -> None:
+        assert self._sftp is not None
+        with contextlib.suppress(asyncssh.Error, OSError):
+            if self._file is None:
+                self._file = await self._sftp.open(self._path, "rb")
+            await self._file.fsync()
+            self.flushed.append(n)
+
+    async def close(self) -> None:
+        if self._task is not None:
+            with contextlib.suppress(asyncssh.Error, OSError):
+                await self._task
+        if self._file is not None:
+            with contextlib.suppress(asyncssh.Error, OSError):
+                await self._file.close()
