@@ -72,6 +72,8 @@ MAX_WRITE = 256 * 1024  # even if a server allows more: finer acknowledgements t
 MAX_CHANNELS = 8
 FSYNC_FLOOR = 20e6  # bytes/s a server's disk flushes at least: extra watchdog patience
 PIECES_PER_BLOCK = 8   # source read + hashed per thread hop: 8 x the write limit (2 MiB)
+
+
 class SftpDestination:
     """A folder on an SFTP server, reached over one pooled SSH connection."""
 
@@ -161,8 +163,7 @@ class SftpDestination:
         async with self._connecting:
             s = self._session
             if s is None or s.link.is_closed():
-                if s is not None:
-                    s.close()
+                self._drop(s)  # closed under us (the ssh master exited, say): collected
                 s = self._session = await self._connect()
             if s.ready:
                 return s
