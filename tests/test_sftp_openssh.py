@@ -356,3 +356,23 @@ def test_a_lost_connection_is_collected_by_close(tmp_path: Path) -> None:
             gc.collect()
     assert "connection lost" in error
     assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
+def test_relay_check_says_when_ssh_is_missing(tmp_path: Path) -> None:
+    """`relay check` (no connection needed) fails, naming the destination and the package,
+    when a destination wants transport: openssh and no ssh is on PATH; passes with it."""
+    from tests.helpers import RELAY, relay_env, write_rules
+
+    (tmp_path / "in").mkdir()
+    rules = write_rules(tmp_path / "rules", source=tmp_path / "in",
+                        dests={"partner": "sftp://u@h.example/in"},
+                        extra_dest={"partner": {"transport": "openssh",
+                                                "identity": str(tmp_path / "k")}})
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    res = subprocess.run([*RELAY, "check"], env=relay_env(tmp_path, rules, PATH=str(empty)),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "partner" in res.stderr and "openssh-client" in res.stderr
+    ok = subprocess.run([*RELAY, "check"], env=relay_env(tmp_path, rules),
+                        capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.startswith("ok: "), ok.stdout + ok.stderr
