@@ -29,6 +29,11 @@ __all__ = ["ChaosProxy", "TcpProxy"]
 _CHUNK = 64 * 1024
 
 
+def _open(t: asyncio.BaseTransport) -> bool:
+    sock = t.get_extra_info("socket")
+    return sock is not None and sock.fileno() != -1
+
+
 class _ServerThread:
     """A server on 127.0.0.1 (a free port) with its own event loop in a thread, as a
     context manager. Subclasses bind in ``_start`` and close everything in ``_stop``."""
@@ -41,6 +46,19 @@ class _ServerThread:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._started = threading.Event()
         self._server: asyncio.Server | None = None
+        # Every TCP transport the proxy made, to abort whatever is left when it stops: a
+        # transport closing gracefully (data still buffered for a peer that stopped
+        # reading) or set up while the proxy stopped would outlive the loop otherwise.
+        self._transports: list[asyncio.WriteTransport] = []
+
+    async def _abort_all(self) -> None:
+        for t in self._transports:
+            t.abort()
+        # abort() closes the socket in a callback it schedules: let those run (bounded)
+        for _ in range(100):
+            if not any(_open(t) for t in self._transports):
+                break
+            await asyncio.sleep(0)
 
     def __enter__(self) -> Self:
         self._thread.start()
@@ -107,12 +125,14 @@ class TcpProxy(_ServerThread):
         await asyncio.gather(*self._handlers, return_exceptions=True)
         for w in list(self._writers):
             w.transport.abort()
+        await self._abort_all()
         await self._server.wait_closed()
 
     def _accepted(self, cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
         # Registered before the handler runs: a task cancelled before its first step
         # never runs its own cleanup.
         self._writers.add(cw)
+        self._transports.append(cw.transport)
         task = asyncio.ensure_future(self._handle(cr, cw))
         self._handlers.add(task)
         task.add_done_callback(self._handlers.discard)
@@ -134,6 +154,7 @@ class TcpProxy(_ServerThread):
         except asyncio.CancelledError:
             cw.transport.abort()
             raise
+        self._transports.append(sw.transport)
         self._writers.update((cw, sw))
         cut = self.cut_after if first else None
 
@@ -195,6 +216,7 @@ class _Side(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.conn.proxy._transports.append(transport)
         if self.conn.closed:
             # cut (or the proxy stopped) between accept and now: abort() found no
             # transport to close, and nobody else would ever close this one
@@ -367,6 +389,7 @@ class ChaosProxy(_ServerThread):
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for c in list(self.conns):
             c.abort()
+        await self._abort_all()
         await self._server.wait_closed()
 
     def _accept(self) -> _Side:
