@@ -53,6 +53,7 @@ RELAYS = {"relay": "asyncssh", "relay openssh": "openssh"}
 # and, for the large file, without the remote flush (`fsync: false`): what `sftp -b`
 # without -f does, so the price of relay's fsync is visible beside it
 NO_FSYNC = "relay openssh fsync: false"
+LARGE_RELAYS = {**{r: (t, True) for r, t in RELAYS.items()}, NO_FSYNC: ("openssh", False)}
 
 
 def _ssh_opts(s: Sshd) -> list[str]:
@@ -130,7 +131,7 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
     digest = _digest(payload)
     sidecar = src / "big.bin.sha256"
     sidecar.write_text(f"{digest}  big.bin\n")
-    names = [f"{r} ({what})" for r in [*RELAYS, NO_FSYNC]
+    names = [f"{r} ({what})" for r in LARGE_RELAYS
              for what in ("delivery", "verify + delivery", "--once, whole process")]
     names += ["sftp -b", "sftp -b (gcm)", "sftp -b -f (flush)", "scp"]
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -149,7 +150,7 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
                 r = name.split(" (")[0]
                 wall, events = _relay(s, work / f"relay-large-{i}-{contenders.index(name)}",
                                       src, out, conc, dest_conc,
-                                      transport=RELAYS.get(r, "openssh"), fsync=r != NO_FSYNC)
+                                      transport=LARGE_RELAYS[r][0], fsync=LARGE_RELAYS[r][1])
                 times[name].append(wall)
                 times[f"{r} (delivery)"].append(_span(events, "file_ready", "file_delivered"))
                 times[f"{r} (verify + delivery)"].append(
@@ -173,7 +174,7 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
             "ratio_to_sftp": {k: round(v / base, 3) for k, v in med.items()},
             "ratio_relay_delivery_to_sftp_gcm": {
                 r: round(med[f"{r} (delivery)"] / med["sftp -b (gcm)"], 3)
-                for r in [*RELAYS, NO_FSYNC]},
+                for r in LARGE_RELAYS},
             "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
 
 

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import io
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -132,12 +131,16 @@ def _check(settings: Settings, probe: bool) -> int:
     rules = _load_or_report(settings)
     if rules is None:
         return 1
-    missing = [d.name for d in rules.destinations
-               if d.scheme == "sftp" and d.transport == "openssh" and not shutil.which("ssh")]
-    if missing:
-        print(f"relay: {', '.join(missing)}: transport: openssh needs OpenSSH's ssh client "
-              "on PATH (Debian: apt-get install openssh-client)", file=sys.stderr)
-        return 1
+    wants_ssh = [d.name for d in rules.destinations
+                 if d.scheme == "sftp" and d.transport == "openssh"]
+    if wants_ssh:
+        from relay.destinations.sftp_openssh import ssh_binary  # imports asyncssh: only here
+
+        try:
+            ssh_binary()
+        except RelayError as exc:
+            print(f"relay: {', '.join(wants_ssh)}: {exc}", file=sys.stderr)
+            return 1
     print(f"ok: {len(rules.sources)} source(s), {len(rules.destinations)} destination(s), "
           f"{len(rules.routes)} route(s) in {', '.join(rules.files)}")
     if probe:

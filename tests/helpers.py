@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import signal
@@ -140,3 +141,17 @@ def larger_than(path: Path, size: int) -> Callable[[], bool]:
             return False
 
     return check
+
+
+def start_error(dest: Any) -> Exception:
+    """What a destination's start() raised (closing it after); fails if it succeeded."""
+    async def go() -> Exception:
+        try:
+            await dest.start()
+        except Exception as exc:
+            return exc
+        finally:
+            await dest.close()
+        raise AssertionError("start() succeeded")
+
+    return asyncio.run(go())

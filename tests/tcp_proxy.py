@@ -117,14 +117,11 @@ class TcpProxy(_ServerThread):
     async def _stop(self) -> None:
         assert self._server is not None
         self._server.close()
-        # A connection still being set up when the proxy stops would otherwise be left
-        # open (a ResourceWarning in whichever test runs next): its handler may not even
-        # have started, so its client side is aborted here too.
+        # Handlers first (a cancelled one aborts both its sides), then every transport
+        # left, also of a connection whose handler never started.
         for t in list(self._handlers):
             t.cancel()
         await asyncio.gather(*self._handlers, return_exceptions=True)
-        for w in list(self._writers):
-            w.transport.abort()
         await self._abort_all()
         await self._server.wait_closed()
 
@@ -383,12 +380,10 @@ class ChaosProxy(_ServerThread):
         self._server.close()
         for c in list(self.conns):
             c.abort()
-        # A server leg still connecting would be left open (a ResourceWarning later).
+        # A server leg still connecting is cancelled; _abort_all() closes what is left.
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for c in list(self.conns):
-            c.abort()
         await self._abort_all()
         await self._server.wait_closed()
 

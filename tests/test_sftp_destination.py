@@ -24,6 +24,7 @@ from relay.destinations.sftp import SftpDestination, parse_sftp_url
 from relay.errors import PermanentError, RetryableError, SourceVanished
 from relay.rules import DestinationRule
 from tests.fault_sftp import FaultServer, fault_server
+from tests.helpers import start_error
 from tests.sshd_server import Sshd, make_key, sftp_dir, sshd  # noqa: F401
 from tests.tcp_proxy import TcpProxy
 
@@ -158,24 +159,11 @@ def test_probe_reports_openssh_capabilities(sshd: Sshd, sftp_dir: Path) -> None:
     assert list(sftp_dir.iterdir()) == []
 
 
-def _start_error(dest: SftpDestination) -> Exception:
-    async def go() -> Exception:
-        try:
-            await dest.start()
-        except Exception as exc:
-            return exc
-        finally:
-            await dest.close()
-        raise AssertionError("start() succeeded")
-
-    return asyncio.run(go())
-
-
 def test_unknown_host_key_refused(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
     """A server whose key is not in known_hosts is refused with a clear, permanent error."""
     kh = tmp_path / "known_hosts"
     kh.write_text("")
-    exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, known_hosts=kh)))
+    exc = start_error(SftpDestination(rule_for(sshd, sftp_dir, known_hosts=kh)))
     assert isinstance(exc, PermanentError)
     assert "host key refused" in str(exc) and str(kh) in str(exc)
 
@@ -185,7 +173,7 @@ def test_changed_host_key_refused(tmp_path: Path, sshd: Sshd, sftp_dir: Path) ->
     other = make_key(tmp_path / "other").export_public_key("openssh").decode().split()
     kh = tmp_path / "known_hosts"
     kh.write_text(f"[127.0.0.1]:{sshd.port} {other[0]} {other[1]}\n")
-    exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, known_hosts=kh)))
+    exc = start_error(SftpDestination(rule_for(sshd, sftp_dir, known_hosts=kh)))
     assert isinstance(exc, PermanentError) and "host key refused" in str(exc)
 
 
@@ -193,18 +181,18 @@ def test_bad_key_is_a_retryable_login_error(tmp_path: Path, sshd: Sshd,  # noqa:
                                             sftp_dir: Path) -> None:  # noqa: F811
     """An identity the server does not accept gives a retryable 'login refused' error."""
     make_key(tmp_path / "stranger")
-    exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, identity=tmp_path / "stranger")))
+    exc = start_error(SftpDestination(rule_for(sshd, sftp_dir, identity=tmp_path / "stranger")))
     assert isinstance(exc, RetryableError) and "login refused" in str(exc)
 
 
 def test_missing_identity_and_secret_are_permanent(tmp_path: Path, sshd: Sshd,  # noqa: F811
                                                    sftp_dir: Path) -> None:  # noqa: F811
     """A missing identity file or secret is a configuration error, reported as such."""
-    exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, identity=tmp_path / "nope")))
+    exc = start_error(SftpDestination(rule_for(sshd, sftp_dir, identity=tmp_path / "nope")))
     assert isinstance(exc, PermanentError) and "nope" in str(exc)
     if _current["transport"] == "openssh":
         return  # secrets are refused when the rule loads (test_sftp_openssh.py)
-    exc = _start_error(SftpDestination(rule_for(sshd, sftp_dir, passphrase_secret="pp"),
+    exc = start_error(SftpDestination(rule_for(sshd, sftp_dir, passphrase_secret="pp"),
                                        tmp_path))
     assert isinstance(exc, PermanentError) and "'pp'" in str(exc)
 
@@ -252,7 +240,7 @@ def test_password_login_from_secret(tmp_path: Path, faulty: FaultServer) -> None
     asyncio.run(go())
     assert (faulty.root / "p.bin").read_bytes() == data
     (secrets / "pw").write_text("wrong")
-    exc = _start_error(SftpDestination(fault_rule(faulty, identity=None, password_secret="pw"),
+    exc = start_error(SftpDestination(fault_rule(faulty, identity=None, password_secret="pw"),
                                        secrets))
     assert isinstance(exc, RetryableError) and "login refused" in str(exc)
 
@@ -260,7 +248,7 @@ def test_password_login_from_secret(tmp_path: Path, faulty: FaultServer) -> None
 def test_missing_root_is_not_created(tmp_path: Path, sshd: Sshd) -> None:  # noqa: F811
     """A destination root that does not exist is reported, never created."""
     root = sshd.root / "absent-root"
-    exc = _start_error(SftpDestination(rule_for(sshd, root)))
+    exc = start_error(SftpDestination(rule_for(sshd, root)))
     assert isinstance(exc, RetryableError) and "does not exist" in str(exc)
     assert not root.exists()
 

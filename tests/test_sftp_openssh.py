@@ -23,6 +23,7 @@ from relay.destinations.sftp import SftpDestination
 from relay.destinations.sftp_openssh import OpensshLink, ssh_options
 from relay.errors import PermanentError, RetryableError
 from relay.rules import DestinationRule
+from tests.helpers import start_error
 from tests.sshd_server import Sshd, sftp_dir, sshd  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
@@ -179,19 +180,9 @@ def test_sub_second_keepalive_is_not_turned_off(tmp_path: Path) -> None:
 
 
 def _start_failure(r: DestinationRule) -> tuple[Exception, float]:
-    dest = SftpDestination(r)
-
-    async def go() -> Exception:
-        try:
-            await dest.start()
-        except Exception as exc:
-            return exc
-        finally:
-            await dest.close()
-        raise AssertionError("start() succeeded")
-
+    """start_error() and how long it took."""
     t0 = time.monotonic()
-    exc = asyncio.run(go())
+    exc = start_error(SftpDestination(r))
     return exc, time.monotonic() - t0
 
 

@@ -41,6 +41,7 @@ import asyncssh
 from asyncssh.logging import logger as ssh_logger
 from asyncssh.sftp import SFTPClientHandler
 
+from relay.destinations.sftp_session import PREFERRED_CIPHERS
 from relay.errors import PermanentError, RetryableError
 from relay.logs import get_logger
 from relay.rules import DestinationRule
@@ -49,7 +50,6 @@ __all__ = ["OpensshLink", "open_openssh"]
 
 log = get_logger()
 
-CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 SOCKET_BUFFER = 4 << 20  # per channel and direction: bulk writes in few loop turns
 PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -81,7 +81,7 @@ def ssh_options(rule: DestinationRule, port: int) -> list[str]:
         "-o", "KbdInteractiveAuthentication=no", "-o", "HostbasedAuthentication=no",
         "-o", f"ConnectTimeout={max(1, math.ceil(rule.connect_timeout))}",
         "-o", f"ServerAliveInterval={keepalive}", "-o", "ServerAliveCountMax=3",
-        "-o", f"Ciphers={CIPHERS}", "-o", "Compression=no",
+        "-o", f"Ciphers={PREFERRED_CIPHERS}", "-o", "Compression=no",
         "-o", "ForwardAgent=no", "-o", "ForwardX11=no", "-o", "ClearAllForwardings=yes",
     ]
 

@@ -19,10 +19,14 @@ from urllib.parse import unquote, urlsplit
 import asyncssh
 
 from relay.logs import get_logger
+from relay.rules import DestinationRule
 
-__all__ = ["AsyncsshLink", "EarlyFlush", "Link", "Session", "parse_sftp_url", "wait_closed"]
+__all__ = ["PREFERRED_CIPHERS", "AsyncsshLink", "EarlyFlush", "Link", "Session", "open_asyncssh",
+           "parse_sftp_url", "wait_closed"]
 
 log = get_logger()
+
+PREFERRED_CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"  # ~40% less CPU
 
 
 def parse_sftp_url(url: str) -> tuple[str, str, int, str]:
@@ -72,6 +76,34 @@ class AsyncsshLink:
 
     async def wait_closed(self) -> None:
         await self.conn.wait_closed()
+
+
+async def open_asyncssh(rule: DestinationRule, user: str, host: str, port: int,
+                        channels: int, stall: float, passphrase: str | None,
+                        password: str | None
+                        ) -> tuple[AsyncsshLink, list[asyncssh.SFTPClient]]:
+    """asyncssh's connection and up to ``channels`` SFTP channels over it (at least one).
+    Library errors propagate: the caller translates them (sftp_errors.py)."""
+    conn = await asyncio.wait_for(asyncssh.connect(
+        host, port, username=user, config=[], agent_path=None,
+        known_hosts=str(rule.known_hosts) if rule.known_hosts else (),
+        client_keys=[str(rule.identity)] if rule.identity else [],
+        passphrase=passphrase, password=password,
+        connect_timeout=rule.connect_timeout + rule.login_timeout,
+        login_timeout=rule.login_timeout, keepalive_interval=rule.keepalive_interval,
+        keepalive_count_max=3, encryption_algs=PREFERRED_CIPHERS,
+        compression_algs=None), rule.connect_timeout + rule.login_timeout + 5)
+    try:
+        first = await asyncio.wait_for(conn.start_sftp_client(), stall)
+        # More channels are a bonus: a server may allow fewer sessions (MaxSessions).
+        more = await asyncio.wait_for(asyncio.gather(
+            *(conn.start_sftp_client() for _ in range(channels - 1)),
+            return_exceptions=True), stall)
+    except BaseException:
+        conn.abort()
+        raise
+    return AsyncsshLink(conn, host), [
+        first, *(c for c in more if isinstance(c, asyncssh.SFTPClient))]
 
 
 @dataclass
