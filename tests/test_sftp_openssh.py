@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ import pytest
 from pydantic import ValidationError
 
 from relay.destinations.sftp import SftpDestination
-from relay.destinations.sftp_openssh import OpensshLink, ssh_options
+from relay.destinations.sftp_openssh import OpensshLink, _spawn, ssh_options
 from relay.errors import PermanentError, RetryableError
 from relay.rules import DestinationRule
 from tests.helpers import start_error
@@ -367,3 +368,33 @@ def test_relay_check_says_when_ssh_is_missing(tmp_path: Path) -> None:
     ok = subprocess.run([*RELAY, "check"], env=relay_env(tmp_path, rules),
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout.startswith("ok: "), ok.stdout + ok.stderr
+
+
+def test_killing_an_exited_ssh_keeps_its_exit_status(monkeypatch: pytest.MonkeyPatch,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """Aborting a link kills processes that may have just exited. Popen.kill() polls first,
+    and that waitpid() reaps the child before asyncio's watcher does: the exit status is
+    lost (reported as 255) and asyncio logs "Unknown child process". Reproduced by holding
+    the watcher's waitpid() until the child is a zombie and kill() has been called."""
+    release = threading.Event()
+    real_waitpid = os.waitpid
+
+    def held_waitpid(pid: int, options: int) -> tuple[int, int]:
+        if options == 0:  # asyncio's watcher thread; Popen.poll() passes WNOHANG
+            release.wait(10)
+        return real_waitpid(pid, options)
+
+    monkeypatch.setattr(os, "waitpid", held_waitpid)
+
+    async def main() -> int:
+        p = await _spawn(sys.executable, "-c", "import sys; sys.exit(3)")
+        deadline = time.monotonic() + 10
+        while _alive(p.proc.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert not _alive(p.proc.pid), "the child did not exit"
+        p.kill()  # a zombie now: must not be reaped behind asyncio's back
+        release.set()
+        return await asyncio.wait_for(p.wait(), 10)
+
+    assert asyncio.run(main()) == 3
+    assert "Unknown child process" not in caplog.text

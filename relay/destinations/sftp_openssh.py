@@ -34,6 +34,7 @@ import socket
 import subprocess
 import tempfile
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,14 @@ class _Proc:
         self.lines: collections.deque[str] = collections.deque(maxlen=40)
         assert proc.stderr is not None
         self._drain = asyncio.ensure_future(self._read(proc.stderr))
+        # Signals go through a pidfd, not proc.kill(): Popen.send_signal() first polls,
+        # and that waitpid reaps a child that has just exited before asyncio's watcher
+        # does, which then logs "Unknown child process" and reports 255. A pidfd names
+        # this process only, so it cannot signal a recycled PID either.
+        self._pidfd: int | None = None
+        with contextlib.suppress(OSError):  # no pidfd (kernel < 5.3): os.kill below
+            self._pidfd = os.pidfd_open(proc.pid)
+            weakref.finalize(self, os.close, self._pidfd)
 
     async def _read(self, stream: asyncio.StreamReader) -> None:
         async for raw in stream:
@@ -102,7 +111,10 @@ class _Proc:
     def kill(self) -> None:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
-                self.proc.kill()
+                if self._pidfd is not None:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                else:
+                    os.kill(self.proc.pid, signal.SIGKILL)
 
     async def wait(self) -> int:
         rc = await self.proc.wait()
