@@ -50,18 +50,19 @@ class Sshd:
     pid: int
 
     def url(self, path: Path | str) -> str:
-        """``sftp://user@127.0.0.1:PORT/abs/path`` for a folder on this server."""
-        return f"sftp://{self.user}@{self.host}:{self.port}{Path(path).absolute()}"
+        """``sftp://user@127.0.0.1:PORT/abs/path`` (``[::1]`` on IPv6) for a folder here."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"sftp://{self.user}@{host}:{self.port}{Path(path).absolute()}"
 
     def logins(self) -> int:
         """How many sessions the server has accepted so far (from its verbose log)."""
         return self.log.read_text(errors="replace").count("Accepted publickey for ")
 
 
-def free_port() -> int:
-    """A port that was free a moment ago on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return int(s.getsockname()[1])
 
 
@@ -82,10 +83,10 @@ def _banner(host: str, port: int) -> bool:
         return False
 
 
-def _config(work: Path, port: int, extra: str) -> Path:
+def _config(work: Path, host: str, port: int, extra: str) -> Path:
     conf = work / "sshd_config"
     conf.write_text("\n".join([
-        "ListenAddress 127.0.0.1",
+        f"ListenAddress {host}",
         f"Port {port}",
         f"HostKey {work / 'host_ed25519'}",
         f"PidFile {work / 'sshd.pid'}",
@@ -106,8 +107,10 @@ def _config(work: Path, port: int, extra: str) -> Path:
 
 
 @contextlib.contextmanager
-def running_sshd(work: Path, extra_config: str = "") -> Iterator[Sshd]:
-    """Start sshd with fresh keys under ``work``; stop it (and its session children) on exit.
+def running_sshd(work: Path, extra_config: str = "", host: str = "127.0.0.1"
+                 ) -> Iterator[Sshd]:
+    """Start sshd on ``host`` (loopback: 127.0.0.1 or ::1) with fresh keys under ``work``;
+    stop it (and its session children) on exit.
 
     Fails (RuntimeError) if sshd is missing or does not answer within 10 s."""
     if not SSHD.exists():
@@ -127,13 +130,13 @@ def running_sshd(work: Path, extra_config: str = "") -> Iterator[Sshd]:
     proc: subprocess.Popen[bytes] | None = None
     port = 0
     for _ in range(5):  # the port may be taken between free_port() and bind()
-        port = free_port()
-        conf = _config(work, port, extra_config)
+        port = free_port(host)
+        conf = _config(work, host, port, extra_config)
         with open(log, "ab") as logf:
             proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(conf)], stdout=logf,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 10
-        while proc.poll() is None and not _banner("127.0.0.1", port):
+        while proc.poll() is None and not _banner(host, port):
             if time.monotonic() > deadline:
                 _stop(proc)
                 raise RuntimeError(f"sshd did not answer on port {port} within 10 s; "
@@ -148,9 +151,9 @@ def running_sshd(work: Path, extra_config: str = "") -> Iterator[Sshd]:
     if proc.poll() is not None:
         raise RuntimeError("sshd could not bind a free port in 5 tries")
     known_hosts = work / "known_hosts"
-    known_hosts.write_text(f"[127.0.0.1]:{port} {host_public}\n")
+    known_hosts.write_text(f"[{host}]:{port} {host_public}\n")
     try:
-        yield Sshd("127.0.0.1", port, getpass.getuser(), work / "id_ed25519", known_hosts,
+        yield Sshd(host, port, getpass.getuser(), work / "id_ed25519", known_hosts,
                    host_public, root, work, log, proc.pid)
     finally:
         _stop(proc)

@@ -25,7 +25,7 @@ from relay.errors import PermanentError, RetryableError, SourceVanished
 from relay.rules import DestinationRule
 from tests.fault_sftp import FaultServer, fault_server
 from tests.helpers import start_error
-from tests.sshd_server import Sshd, make_key, sftp_dir, sshd  # noqa: F401
+from tests.sshd_server import Sshd, make_key, running_sshd, sftp_dir, sshd  # noqa: F401
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -118,6 +118,27 @@ def test_stage_commit_signal_roundtrip(tmp_path: Path, sshd: Sshd,  # noqa: F811
     assert (sftp_dir / "a/b/c.bin").read_bytes() == data
     assert (sftp_dir / "a/b/c.bin.sha256").read_bytes() == b"sig\n"
     assert sorted(p.name for p in sftp_dir.rglob("*")) == ["a", "b", "c.bin", "c.bin.sha256"]
+
+
+def test_ipv6_server(tmp_path: Path) -> None:
+    """``sftp://user@[::1]:PORT/path``: the bracketed literal reaches the connection (and,
+    with openssh, ``ssh``) without its brackets, and the host key is looked up under
+    ``[::1]:PORT`` as OpenSSH writes it."""
+    src, data = payload(tmp_path, 300_000)
+    with running_sshd(tmp_path / "sshd6", host="::1") as server6:
+        assert server6.url("/x").startswith(f"sftp://{server6.user}@[::1]:")
+        dest = open_destination(rule_for(server6, server6.root))
+        assert isinstance(dest, SftpDestination)
+
+        async def go() -> None:
+            try:
+                await deliver(dest, src, "six.bin")
+            finally:
+                await dest.close()
+
+        asyncio.run(go())
+        assert (server6.root / "six.bin").read_bytes() == data
+        assert server6.logins() == 1
 
 
 def test_empty_file_and_replace(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
