@@ -33,8 +33,8 @@ from relay.errors import (
 from relay.journal import Delivery, FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS
-from relay.readiness import Declared
 from relay.rules import Route
+from relay.signal_files import Declared
 
 __all__ = ["Member", "Outcome", "backoff", "deliver_to", "signal_body"]
 

@@ -27,8 +27,9 @@ from relay.journal import Delivery, FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS
 from relay.paths import render_template, safe_relpath
-from relay.readiness import Declared, gather, gather_batch, through_symlink
+from relay.readiness import gather, gather_batch, through_symlink
 from relay.rules import Route, Rules, SourceRule
+from relay.signal_files import Declared
 from relay.watcher import SourceWatcher
 
 __all__ = ["Engine", "is_ignored"]

@@ -19,8 +19,9 @@ from relay.journal import FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS
 from relay.paths import compile_glob
-from relay.readiness import Declared, Evidence, classify, gather, gather_batch
+from relay.readiness import Evidence, classify, gather, gather_batch
 from relay.rules import Route, Rules, SourceRule
+from relay.signal_files import Declared
 from relay.watcher import scan
 
 __all__ = ["Evaluation", "Key", "is_ignored"]

@@ -35,8 +35,8 @@ from relay.delivery import signal_body
 from relay.engine import Engine
 from relay.journal import Journal
 from relay.logs import configure
-from relay.readiness import DIGEST_LENGTHS, MalformedSignal, parse_digest, parse_manifest
 from relay.rules import load_rules
+from relay.signal_files import DIGEST_LENGTHS, MalformedSignal, parse_digest, parse_manifest
 from tests.helpers import RELAY, RelayProc, relay_env, sha256, wait_for, write_rules
 from tests.observer import Observer
 
