@@ -81,6 +81,17 @@ async def deliver(dest: SftpDestination, src: Path, target: str) -> Any:
     return staged
 
 
+def deliver_and_close(dest: Any, src: Path, target: str) -> None:
+    """One delivery (see deliver()) on a fresh event loop; the destination closed after."""
+    async def go() -> None:
+        try:
+            await deliver(dest, src, target)
+        finally:
+            await dest.close()
+
+    asyncio.run(go())
+
+
 @once
 def test_url_parsing() -> None:
     """sftp:// URLs give user, host, port and an absolute root; /~/ means the login dir."""
@@ -130,13 +141,7 @@ def test_ipv6_server(tmp_path: Path) -> None:
         dest = open_destination(rule_for(server6, server6.root))
         assert isinstance(dest, SftpDestination)
 
-        async def go() -> None:
-            try:
-                await deliver(dest, src, "six.bin")
-            finally:
-                await dest.close()
-
-        asyncio.run(go())
+        deliver_and_close(dest, src, "six.bin")
         assert (server6.root / "six.bin").read_bytes() == data
         assert server6.logins() == 1
 
@@ -232,13 +237,7 @@ def test_passphrase_protected_identity(tmp_path: Path, sshd: Sshd,  # noqa: F811
                                     passphrase_secret="pp"), secrets)
     src, data = payload(tmp_path, 1000)
 
-    async def go() -> None:
-        try:
-            await deliver(dest, src, "f")
-        finally:
-            await dest.close()
-
-    asyncio.run(go())
+    deliver_and_close(dest, src, "f")
     assert (sftp_dir / "f").read_bytes() == data
 
 
@@ -252,13 +251,7 @@ def test_password_login_from_secret(tmp_path: Path, faulty: FaultServer) -> None
     dest = SftpDestination(fault_rule(faulty, identity=None, password_secret="pw"), secrets)
     src, data = payload(tmp_path, 5000)
 
-    async def go() -> None:
-        try:
-            await deliver(dest, src, "p.bin")
-        finally:
-            await dest.close()
-
-    asyncio.run(go())
+    deliver_and_close(dest, src, "p.bin")
     assert (faulty.root / "p.bin").read_bytes() == data
     (secrets / "pw").write_text("wrong")
     exc = start_error(SftpDestination(fault_rule(faulty, identity=None, password_secret="pw"),
@@ -380,14 +373,8 @@ def test_without_posix_rename_fail_policy_keeps_old(tmp_path: Path,
     src, _ = payload(tmp_path, 3000)
     dest = SftpDestination(fault_rule(faulty, overwrite="fail"))
 
-    async def go() -> None:
-        try:
-            await deliver(dest, src, "t")
-        finally:
-            await dest.close()
-
     with pytest.raises(PermanentError, match="overwrite: fail"):
-        asyncio.run(go())
+        deliver_and_close(dest, src, "t")
     assert (faulty.root / "t").read_bytes() == b"old"
 
 
