@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -150,6 +151,32 @@ async def main():
 
 asyncio.run(main())
 """
+
+
+@pytest.mark.parametrize("where", ["mkdtemp", "spawn"])
+def test_no_room_for_the_control_socket_or_process_is_retryable(
+        sshd: Sshd, sftp_dir: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
+        where: str) -> None:
+    """A control-socket folder that cannot be made (read-only or full /tmp) or an ssh that
+    cannot be started (no processes left) is a retryable connect error naming what failed,
+    not an internal error of the job."""
+    import relay.destinations.sftp_openssh as mod
+
+    def refuse(*_: Any, **__: Any) -> Any:
+        raise OSError(30 if where == "mkdtemp" else 11,
+                      "Read-only file system" if where == "mkdtemp"
+                      else "Resource temporarily unavailable")
+
+    if where == "mkdtemp":
+        monkeypatch.setattr(mod.tempfile, "mkdtemp", refuse)
+    else:
+        monkeypatch.setattr(mod.asyncio, "create_subprocess_exec", refuse)
+    before = set(Path(tempfile.gettempdir()).glob("relay-ssh-*"))
+    exc = start_error(SftpDestination(rule(sshd, sftp_dir)))
+    assert isinstance(exc, RetryableError), repr(exc)
+    want = "control socket" if where == "mkdtemp" else "cannot start ssh"
+    assert want in str(exc) and ("Read-only" in str(exc) or "unavailable" in str(exc)), exc
+    assert set(Path(tempfile.gettempdir()).glob("relay-ssh-*")) == before  # none left
 
 
 def test_ssh_processes_die_with_a_sigkilled_relay(sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811

@@ -128,8 +128,11 @@ class _Proc:
 
 async def _spawn(*args: str, stdio: socket.socket | None = None) -> _Proc:
     fd = stdio.fileno() if stdio is not None else subprocess.DEVNULL
-    proc = await asyncio.create_subprocess_exec(
-        *args, stdin=fd, stdout=fd, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *args, stdin=fd, stdout=fd, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+    except OSError as exc:  # no processes or memory left, say: try again later
+        raise RetryableError(f"cannot start ssh: {exc.strerror or exc}") from exc
     return _Proc(proc)
 
 
@@ -271,10 +274,19 @@ async def open_openssh(rule: DestinationRule, user: str, host: str, port: int,
         raise PermanentError(f"{what}: cannot read identity {rule.identity}: "
                              f"{exc.strerror}") from exc
     opts = ssh_options(rule, port)
-    sockdir = tempfile.mkdtemp(prefix="relay-ssh-")  # short: sun_path holds 108 bytes
+    try:
+        sockdir = tempfile.mkdtemp(prefix="relay-ssh-")  # short: sun_path holds 108 bytes
+    except OSError as exc:
+        raise RetryableError(f"{what}: cannot make a folder for ssh's control socket: "
+                             f"{exc.strerror or exc} (transport: openssh needs a writable "
+                             "TMPDIR or /tmp)") from exc
     sock = os.path.join(sockdir, "c")
-    master = await _spawn(ssh, *opts, "-v", "-M", "-S", sock, "-o", "ControlPersist=no",
-                          "-N", "--", f"{user}@{host}")
+    try:
+        master = await _spawn(ssh, *opts, "-v", "-M", "-S", sock, "-o", "ControlPersist=no",
+                              "-N", "--", f"{user}@{host}")
+    except BaseException:
+        shutil.rmtree(sockdir, ignore_errors=True)
+        raise
     link = OpensshLink(host, master, sockdir)
     try:
         deadline = time.monotonic() + rule.connect_timeout + rule.login_timeout
