@@ -123,6 +123,9 @@ class DestinationRule(_Strict):
     connect_timeout: float = 15.0
     login_timeout: float = 30.0
     keepalive_interval: float = 15.0
+    idle_timeout: float = Field(
+        300.0, description="Close the pooled SSH connection after this long without a "
+        "transfer (reopened by the next one); 0 keeps it open.")
     overwrite: Literal["replace", "fail"] = "replace"
 
     @field_validator("url")
@@ -137,7 +140,8 @@ class DestinationRule(_Strict):
             raise ValueError("file:// URL needs a path")
         return v
 
-    @field_validator("connect_timeout", "login_timeout", "keepalive_interval", mode="before")
+    @field_validator("connect_timeout", "login_timeout", "keepalive_interval", "idle_timeout",
+                     mode="before")
     @classmethod
     def _dur(cls, v: Any) -> float | None:
         return parse_duration(v)

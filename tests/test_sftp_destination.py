@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,12 +22,13 @@ from structlog.testing import capture_logs
 
 from relay.destinations.base import open_destination
 from relay.destinations.sftp import SftpDestination, parse_sftp_url
+from relay.destinations.sftp_session import wait_closed
 from relay.errors import PermanentError, RetryableError, SourceVanished
 from relay.rules import DestinationRule
 from tests.fault_sftp import FaultServer, fault_server
 from tests.helpers import start_error
 from tests.sshd_server import Sshd, make_key, running_sshd, sftp_dir, sshd  # noqa: F401
-from tests.tcp_proxy import TcpProxy
+from tests.tcp_proxy import TcpProxy, _open
 
 pytestmark = pytest.mark.timeout(60)
 TRANSPORTS = ("asyncssh", "openssh")
@@ -447,6 +449,84 @@ def test_many_files_share_one_pooled_connection(tmp_path: Path, sshd: Sshd,  # n
     assert all((sftp_dir / p.name).read_bytes() == d for p, d in srcs)
 
 
+def _proxied_rule(tmp_path: Path, sshd: Sshd, proxy: TcpProxy, root: Path,  # noqa: F811
+                  **kw: Any) -> DestinationRule:
+    kh = tmp_path / "kh"
+    kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
+    return DestinationRule(name="p", url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}{root}",
+                           identity=sshd.client_key, known_hosts=kh, **{**_current, **kw})
+
+
+def _poll(cond: Any, seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                                 sftp_dir: Path) -> None:  # noqa: F811
+    """``idle_timeout``: after that long without a transfer the pooled connection is closed
+    (the TCP connection ends; with openssh its processes too) and logged; the next delivery
+    logs in again. An operation that lasts longer than the timeout is never cut."""
+    src, data = payload(tmp_path, 5000)
+    logins = sshd.logins()
+    with TcpProxy(sshd.host, sshd.port) as proxy:
+        dest = SftpDestination(_proxied_rule(tmp_path, sshd, proxy, sftp_dir,
+                                             idle_timeout=0.3))
+
+        async def go() -> list[dict[str, Any]]:
+            with capture_logs() as logs:
+                try:
+                    await deliver(dest, src, "one")
+                    first = dest.pool.session
+                    assert first is not None
+                    link = first.link
+                    # busy: an operation held three timeouts long keeps the connection
+                    async with dest.pool.op("holding"):
+                        await asyncio.sleep(0.9)
+                        assert dest.pool.session is first and not link.is_closed()
+                    deadline = time.monotonic() + 10
+                    while dest.pool.session is not None and time.monotonic() < deadline:
+                        await asyncio.sleep(0.01)
+                    assert dest.pool.session is None and link.is_closed()
+                    await wait_closed(link)
+                    assert all(t.done() for t in dest.pool._closing)
+                    await deliver(dest, src, "two")
+                finally:
+                    await dest.close()
+            return logs
+
+        logs = asyncio.run(go())
+        assert _poll(lambda: not any(_open(t) for t in proxy._transports))
+        assert proxy.connections == 2
+    assert sshd.logins() == logins + 2
+    assert (sftp_dir / "one").read_bytes() == data == (sftp_dir / "two").read_bytes()
+    idle = [e for e in logs if e["event"] == "sftp_disconnected"]
+    assert [e["reason"] for e in idle] == ["idle for 0.3 s"], idle
+
+
+@once
+def test_idle_timeout_zero_keeps_the_connection(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                                sftp_dir: Path) -> None:  # noqa: F811
+    """``idle_timeout: 0`` never closes it; durations parse like the other timeouts."""
+    assert DestinationRule(name="p", url="sftp://u@h/x", idle_timeout="5m").idle_timeout == 300
+    assert DestinationRule(name="p", url="sftp://u@h/x").idle_timeout == 300
+    src, _ = payload(tmp_path, 100)
+    dest = SftpDestination(rule_for(sshd, sftp_dir, idle_timeout=0))
+
+    async def go() -> None:
+        try:
+            await deliver(dest, src, "kept")
+            assert dest.pool._idle_timer is None and dest.pool.session is not None
+        finally:
+            await dest.close()
+
+    asyncio.run(go())
+
+
 def test_reconnects_after_connection_loss(tmp_path: Path, faulty: FaultServer) -> None:
     """A dropped connection fails the attempt retryably; the next one reconnects."""
     src, data = payload(tmp_path, 2_000_000)
@@ -539,7 +619,7 @@ def test_probe_cut_short_is_cleaned_up_by_the_next_one(sshd: Sshd,  # noqa: F811
             await dest.close()
 
     asyncio.run(probe_once())
-    tag = SftpDestination(rule_for(sshd, sftp_dir))._probe_tag
+    tag = SftpDestination(rule_for(sshd, sftp_dir)).pool.probe_tag
     for x in "abcl":  # what a probe killed at its worst moment leaves behind
         (sftp_dir / f".relay-probe-{tag}.{x}").write_bytes(b"0123456789")
     asyncio.run(probe_once())

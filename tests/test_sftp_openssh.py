@@ -115,10 +115,10 @@ def test_one_master_its_channels_and_nothing_left_after_close(
     async def go() -> tuple[list[int], str]:
         try:
             await dest.start()
-            assert dest._session is not None
-            link = dest._session.link
+            assert dest.pool.session is not None
+            link = dest.pool.session.link
             assert isinstance(link, OpensshLink)
-            assert len(link.channels) == 4 and len(dest._session.channels) == 4
+            assert len(link.channels) == 4 and len(dest.pool.session.channels) == 4
             pids = [p.proc.pid for p in (link.master, *link.channels)]
             assert _ssh_children() >= set(pids)
             return pids, link._sockdir
@@ -145,7 +145,7 @@ async def main():
                            known_hosts=Path(sys.argv[3]), transport="openssh")
     dest = SftpDestination(rule)
     await dest.start()
-    link = dest._session.link
+    link = dest.pool.session.link
     print(" ".join(str(p.proc.pid) for p in (link.master, *link.channels)), flush=True)
     await asyncio.sleep(60)
 

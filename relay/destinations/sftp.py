@@ -1,7 +1,7 @@
 """``sftp://user@host:port/path`` destinations over asyncssh's SFTP client (with
-sftp_session.py, sftp_errors.py and sftp_openssh.py, the only modules importing it). The
-SSH connection under it is asyncssh's or, with ``transport: openssh``, OpenSSH's ``ssh``
-(sftp_openssh.py).
+sftp_pool.py, sftp_session.py, sftp_errors.py and sftp_openssh.py, the only modules importing
+it). The connection is pooled in sftp_pool.py; the SSH connection under it is asyncssh's or,
+with ``transport: openssh``, OpenSSH's ``ssh`` (sftp_openssh.py).
 
 One pooled SSH connection per destination carries up to 8 SFTP channels (never more than
 ``rule.concurrency``; fewer if the server refuses more sessions); up to ``rule.concurrency``
@@ -31,27 +31,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import posixpath
-import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncssh
 
 from relay.destinations.base import Progress, Staged, temp_name
-from relay.destinations.sftp_errors import translate, unsupported
+from relay.destinations.sftp_errors import unsupported
 from relay.destinations.sftp_io import hash_prefix, read_hash, upload
-from relay.destinations.sftp_openssh import open_openssh
-from relay.destinations.sftp_probe import probe
+from relay.destinations.sftp_pool import Pool
 from relay.destinations.sftp_session import (
     EarlyFlush,
-    Link,
     Session,
-    open_asyncssh,
     parse_sftp_url,
-    wait_closed,
 )
 from relay.errors import PermanentError, RetryableError, SignalFailed, SourceVanished
 from relay.hashing import MultiHash
@@ -62,134 +55,31 @@ __all__ = ["SftpDestination", "parse_sftp_url"]
 
 log = get_logger()
 
-DEFAULT_CONCURRENCY = 8
 MAX_INFLIGHT = 16      # write requests in flight per file (OpenSSH's window is 2 MiB)
 MAX_WRITE = 256 * 1024  # even if a server allows more: finer acknowledgements to resume from
-# SFTP channels per connection, at most one per concurrent file. sftp-server answers one
-# request at a time per channel, so one file's fsync would stall every other file on it;
-# OpenSSH allows 10 sessions per connection (MaxSessions).
-MAX_CHANNELS = 8
 FSYNC_FLOOR = 20e6  # bytes/s a server's disk flushes at least: extra watchdog patience
 PIECES_PER_BLOCK = 8   # source read + hashed per thread hop: 8 x the write limit (2 MiB)
 
 
 class SftpDestination:
-    """A folder on an SFTP server, reached over one pooled SSH connection."""
+    """A folder on an SFTP server, reached over one pooled SSH connection (sftp_pool.py)."""
 
     def __init__(self, rule: DestinationRule, secrets_dir: Path | None = None) -> None:
         self.name = rule.name
         self.rule = rule
-        self.secrets_dir = secrets_dir
-        self.user, self.host, self.port, self.root = parse_sftp_url(rule.url)
         self.can_resume = True
-        self.capabilities: dict[str, object] = {}
-        self.connections = 0  # successful logins so far (one per reconnect)
-        self._session: Session | None = None
-        self._closing: set[asyncio.Task[None]] = set()  # lost connections still closing
-        self._connecting = asyncio.Lock()
-        limit = rule.concurrency or DEFAULT_CONCURRENCY
-        self._slots = asyncio.Semaphore(limit)
-        self._channels = min(limit, MAX_CHANNELS)
-        self._stall = max(rule.login_timeout, 2 * rule.keepalive_interval)
-        # Stable across restarts, so a probe interrupted by a crash is cleaned up by the
-        # next one (relay deliberately assumes one relay per destination, as temporaries
-        # are deterministic too).
-        self._probe_tag = hashlib.sha256(
-            f"{self.name} {self.user} {self.root}".encode()).hexdigest()[:8]
+        self.pool = Pool(rule, secrets_dir)
+        self.root = self.pool.root
 
-    # -- connection --------------------------------------------------------------------
+    @property
+    def capabilities(self) -> dict[str, object]:
+        """What the server offers (the probe's findings), once connected."""
+        return self.pool.capabilities
 
-    def _secret(self, name: str | None) -> str | None:
-        if name is None:
-            return None
-        if self.secrets_dir is None:
-            raise PermanentError(f"secret {name!r} named but RELAY_SECRETS_DIR is not set")
-        try:
-            return (self.secrets_dir / name).read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise PermanentError(f"cannot read secret {name!r}: {exc.strerror}") from exc
-
-    async def _connect(self) -> Session:
-        started = time.monotonic()
-        link: Link
-        if self.rule.transport == "openssh":
-            link, channels = await open_openssh(self.rule, self.user, self.host, self.port,
-                                                self._channels, self._stall)
-        else:
-            rule = self.rule
-            passphrase = self._secret(rule.passphrase_secret)
-            password = self._secret(rule.password_secret)
-            with self._translate(f"connecting to {self.host}:{self.port}", None):
-                link, channels = await open_asyncssh(rule, self.user, self.host, self.port,
-                                                     self._channels, self._stall,
-                                                     passphrase, password)
-        session = Session(link, channels, self._stall)
-        session.arm()
-        self.connections += 1
-        log.info("sftp_connected", destination=self.name, host=self.host, port=self.port,
-                 user=self.user, transport=self.rule.transport, cipher=link.cipher,
-                 server=link.server, connection=self.connections,
-                 channels=len(channels), channels_wanted=self._channels,
-                 duration_ms=round((time.monotonic() - started) * 1000, 1))
-        return session
-
-    async def _get(self) -> Session:
-        """The pooled session: (re)connected, root checked, server probed once."""
-        s = self._session
-        if s is not None and s.ready and not s.link.is_closed():
-            return s
-        async with self._connecting:
-            s = self._session
-            if s is None or s.link.is_closed():
-                self._drop(s)  # closed under us (the ssh master exited, say): collected
-                s = self._session = await self._connect()
-            if s.ready:
-                return s
-            sftp = s.channels[0]
-            with self._translate(f"checking destination root {self.root}", s), s.request():
-                try:
-                    attrs = await sftp.stat(self.root)
-                except asyncssh.SFTPNoSuchFile:
-                    raise RetryableError(f"destination root {self.root} does not exist on "
-                                         f"{self.host}") from None
-                if attrs.type != asyncssh.FILEXFER_TYPE_DIRECTORY:
-                    raise PermanentError(f"destination root {self.root} is not a directory")
-                if not self.capabilities:
-                    caps = await probe(sftp, self.root, unsupported, self._probe_tag)
-                    caps.update(write_limit=sftp.limits.max_write_len,
-                                read_limit=sftp.limits.max_read_len,
-                                sftp_version=sftp.version, channels=len(s.channels),
-                                server=s.link.server, cipher=s.link.cipher,
-                                transport=self.rule.transport)
-                    self.capabilities = caps
-                    log.info("sftp_capabilities", destination=self.name, **caps)
-            s.ready = True
-            return s
-
-    def _translate(self, what: str, session: Session | None
-                   ) -> contextlib.AbstractContextManager[None]:
-        """Errors of the block as relay errors (sftp_errors.py); a lost connection drops
-        ``session`` from the pool."""
-        return translate(what, self.rule, self.user, lambda: self._drop(session))
-
-    def _drop(self, session: Session | None) -> None:
-        if session is not None and session is self._session:
-            self._session = None
-            session.close()
-            # collect its processes in the background (close() waits for what is left)
-            task = asyncio.ensure_future(wait_closed(session.link))
-            self._closing.add(task)
-            task.add_done_callback(self._closing.discard)
-            log.info("sftp_disconnected", destination=self.name, host=self.host)
-
-    @contextlib.asynccontextmanager
-    async def _op(self, what: str) -> AsyncIterator[tuple[Session, asyncssh.SFTPClient]]:
-        """A concurrency slot, a live session and its least busy channel; errors
-        translated."""
-        async with self._slots:
-            s = await self._get()
-            with self._translate(what, s), s.request(), s.lease() as sftp:
-                yield s, sftp
+    @property
+    def connections(self) -> int:
+        """Successful logins so far (one per reconnect)."""
+        return self.pool.connections
 
     def _path(self, rel: str) -> str:
         return posixpath.join(self.root, rel)
@@ -211,16 +101,10 @@ class SftpDestination:
     # -- protocol ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        async with self._slots:
-            await self._get()
+        await self.pool.start()
 
     async def close(self) -> None:
-        s, self._session = self._session, None
-        if s is not None:
-            s.close()
-            await wait_closed(s.link)
-        if self._closing:
-            await asyncio.gather(*self._closing, return_exceptions=True)
+        await self.pool.close()
 
     async def stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
                     progress: Progress) -> Staged:
@@ -230,7 +114,7 @@ class SftpDestination:
         except OSError as exc:
             raise SourceVanished(f"cannot read source {src}: {exc.strerror}") from exc
         try:
-            async with self._op(f"uploading {target}") as (s, sftp):
+            async with self.pool.op(f"uploading {target}") as (s, sftp):
                 await self._makedirs(s, sftp, posixpath.dirname(self._path(tmp)))
                 await self._makedirs(s, sftp, posixpath.dirname(self._path(target)))
                 return await self._stage(s, sftp, fd, tmp, target, algos, acked, progress)
@@ -373,7 +257,7 @@ class SftpDestination:
         await sftp.rename(src, dst)
 
     async def commit(self, staged: Staged) -> None:
-        async with self._op(f"renaming onto {staged.target}") as (_, sftp):
+        async with self.pool.op(f"renaming onto {staged.target}") as (_, sftp):
             await self._rename(sftp, staged.tmp, staged.target)
 
     async def _commit(self, sftp: asyncssh.SFTPClient, tmp: str, target: str) -> bool:
@@ -386,11 +270,11 @@ class SftpDestination:
         return True
 
     async def finish_commit(self, target: str, tmp: str) -> bool:
-        async with self._op(f"renaming onto {target}") as (_, sftp):
+        async with self.pool.op(f"renaming onto {target}") as (_, sftp):
             return await self._commit(sftp, tmp, target)
 
     async def publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
-        async with self._op(f"renaming onto {target}") as (_, sftp):
+        async with self.pool.op(f"renaming onto {target}") as (_, sftp):
             if not await self._commit(sftp, tmp, target):
                 return False
         try:
@@ -402,7 +286,7 @@ class SftpDestination:
 
     async def put_signal(self, target: str, data: bytes) -> None:
         tmp = temp_name(self.rule, target)
-        async with self._op(f"writing signal {target}") as (s, sftp):
+        async with self.pool.op(f"writing signal {target}") as (s, sftp):
             await self._makedirs(s, sftp, posixpath.dirname(self._path(tmp)))
             await self._makedirs(s, sftp, posixpath.dirname(self._path(target)))
             async with sftp.open(self._path(tmp), "wb") as f:
@@ -417,7 +301,7 @@ class SftpDestination:
         (new inode, second rename) that would wake downstream watchers twice. A server
         refusal means "no" (the signal is then written); a lost connection raises."""
         path = self._path(target)
-        async with self._op(f"reading {target}") as (_, sftp):
+        async with self.pool.op(f"reading {target}") as (_, sftp):
             try:
                 attrs = await sftp.lstat(path)
                 if attrs.type != asyncssh.FILEXFER_TYPE_REGULAR or attrs.size != len(data):
@@ -431,6 +315,6 @@ class SftpDestination:
                 raise
 
     async def discard(self, tmp: str) -> None:
-        async with self._op(f"removing {tmp}") as (_, sftp):
+        async with self.pool.op(f"removing {tmp}") as (_, sftp):
             with contextlib.suppress(asyncssh.SFTPNoSuchFile):
                 await sftp.remove(self._path(tmp))
