@@ -63,6 +63,12 @@ class Metrics:
         self.circuit_open = Gauge("relay_destination_circuit_open",
                                   "1 while a destination is backed off as a whole",
                                   ["destination"], registry=r)
+        self.sftp_connected = Gauge("relay_sftp_connected",
+                                    "1 while an SFTP destination's pooled connection is open",
+                                    ["destination"], registry=r)
+        self.sftp_logins = Counter("relay_sftp_logins_total",
+                                   "SSH logins per SFTP destination (one per (re)connect)",
+                                   ["destination"], registry=r)
         self.journal_files = Gauge("relay_journal_files", "Rows in the journal by state",
                                    ["state"], registry=r)
         self.journal_bytes = Gauge("relay_journal_bytes", "Size of the journal database file",

@@ -24,6 +24,7 @@ from relay.destinations.base import open_destination
 from relay.destinations.sftp import SftpDestination, parse_sftp_url
 from relay.destinations.sftp_session import wait_closed
 from relay.errors import PermanentError, RetryableError, SourceVanished
+from relay.metrics import METRICS
 from relay.rules import DestinationRule
 from tests.fault_sftp import FaultServer, fault_server
 from tests.helpers import start_error
@@ -453,8 +454,9 @@ def _proxied_rule(tmp_path: Path, sshd: Sshd, proxy: TcpProxy, root: Path,  # no
                   **kw: Any) -> DestinationRule:
     kh = tmp_path / "kh"
     kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
-    return DestinationRule(name="p", url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}{root}",
-                           identity=sshd.client_key, known_hosts=kh, **{**_current, **kw})
+    opts: dict[str, Any] = {"name": "p", "identity": sshd.client_key, "known_hosts": kh,
+                            **_current, **kw}
+    return DestinationRule(url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}{root}", **opts)
 
 
 def _poll(cond: Any, seconds: float = 10) -> bool:
@@ -473,8 +475,19 @@ def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # 
     logs in again. An operation that lasts longer than the timeout is never cut."""
     src, data = payload(tmp_path, 5000)
     logins = sshd.logins()
+    name = f"idle-{_current['transport']}"
+
+    def connected() -> float:  # relay_sftp_connected{destination=name}
+        return float(METRICS.registry.get_sample_value(
+            "relay_sftp_connected", {"destination": name}) or 0)
+
+    def logins_metric() -> float:
+        return float(METRICS.registry.get_sample_value(
+            "relay_sftp_logins_total", {"destination": name}) or 0)
+
+    logins_before = logins_metric()
     with TcpProxy(sshd.host, sshd.port) as proxy:
-        dest = SftpDestination(_proxied_rule(tmp_path, sshd, proxy, sftp_dir,
+        dest = SftpDestination(_proxied_rule(tmp_path, sshd, proxy, sftp_dir, name=name,
                                              idle_timeout=0.3))
 
         async def go() -> list[dict[str, Any]]:
@@ -483,6 +496,7 @@ def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # 
                     await deliver(dest, src, "one")
                     first = dest.pool.session
                     assert first is not None
+                    assert connected() == 1 and logins_metric() == logins_before + 1
                     link = first.link
                     # busy: an operation held three timeouts long keeps the connection
                     async with dest.pool.op("holding"):
@@ -492,11 +506,13 @@ def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # 
                     while dest.pool.session is not None and time.monotonic() < deadline:
                         await asyncio.sleep(0.01)
                     assert dest.pool.session is None and link.is_closed()
-                    await wait_closed(link)
-                    assert all(t.done() for t in dest.pool._closing)
+                    assert connected() == 0
+                    await wait_closed(link)  # its processes collected (openssh)
                     await deliver(dest, src, "two")
+                    assert connected() == 1 and logins_metric() == logins_before + 2
                 finally:
                     await dest.close()
+            assert connected() == 0
             return logs
 
         logs = asyncio.run(go())

@@ -32,6 +32,7 @@ from relay.destinations.sftp_session import (
 )
 from relay.errors import PermanentError, RetryableError
 from relay.logs import get_logger
+from relay.metrics import METRICS
 from relay.rules import DestinationRule
 
 __all__ = ["DEFAULT_CONCURRENCY", "MAX_CHANNELS", "Pool"]
@@ -97,6 +98,8 @@ class Pool:
         session = Session(link, channels, self._stall)
         session.arm()
         self.connections += 1
+        METRICS.sftp_logins.labels(self.name).inc()
+        METRICS.sftp_connected.labels(self.name).set(1)
         log.info("sftp_connected", destination=self.name, host=self.host, port=self.port,
                  user=self.user, transport=self.rule.transport, cipher=link.cipher,
                  server=link.server, connection=self.connections,
@@ -146,6 +149,7 @@ class Pool:
     def drop(self, session: Session | None, reason: str = "connection lost") -> None:
         if session is not None and session is self.session:
             self.session = None
+            METRICS.sftp_connected.labels(self.name).set(0)
             session.close()
             # collect its processes in the background (close() waits for what is left)
             task = asyncio.ensure_future(wait_closed(session.link))
@@ -196,6 +200,7 @@ class Pool:
             self._idle_timer = None
         s, self.session = self.session, None
         if s is not None:
+            METRICS.sftp_connected.labels(self.name).set(0)
             s.close()
             await wait_closed(s.link)
         if self._closing:
