@@ -141,7 +141,7 @@ class Pool:
             return s
 
     def translate(self, what: str, session: Session | None
-                   ) -> contextlib.AbstractContextManager[None]:
+                  ) -> contextlib.AbstractContextManager[None]:
         """Errors of the block as relay errors (sftp_errors.py); a lost connection drops
         ``session`` from the pool."""
         return translate(what, self.rule, self.user, lambda: self.drop(session))
