@@ -131,6 +131,55 @@ def test_one_master_its_channels_and_nothing_left_after_close(
     assert not os.path.exists(sockdir)
 
 
+def test_close_leaves_no_channel_socket_to_the_garbage_collector(
+        sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """When close() returns, our end of every channel's socket pair is closed — not left
+    for asyncssh's reader task to close on a later loop turn, which never comes when the
+    event loop ends first (an "unclosed socket" ResourceWarning, failing some later test)."""
+    dest = SftpDestination(rule(sshd, sftp_dir, concurrency=4))
+
+    async def go() -> list[bool]:
+        await dest.start()
+        assert dest.pool.session is not None
+        writers = [c._handler._writer._stdin for c in dest.pool.session.channels]
+        assert len(writers) == 4
+        await dest.close()
+        return [w.transport.is_closing() and w.transport._sock is None for w in writers]
+
+    for _ in range(3):
+        assert asyncio.run(go()) == [True] * 4
+
+
+def test_a_channel_cut_short_leaves_no_socket_open(sshd: Sshd, sftp_dir: Path,  # noqa: F811
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that never answers SFTP's init: the channels are cancelled at the stall
+    bound, before their reader tasks exist, so no asyncssh cleanup would ever close our end
+    of their socket pairs. The link closes them itself when it is collected."""
+    import relay.destinations.sftp_openssh as mod
+
+    made: list[socket.socket] = []
+
+    class Recording:  # the socket module as sftp_openssh sees it, recording its pairs
+        def __getattr__(self, name: str) -> Any:
+            return getattr(socket, name)
+
+        def socketpair(self, *a: Any) -> tuple[socket.socket, socket.socket]:
+            pair = socket.socketpair(*a)
+            made.append(pair[0])
+            return pair
+
+    async def never(self: Any) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(mod, "socket", Recording())
+    monkeypatch.setattr(mod.SFTPClientHandler, "start", never)
+    exc = start_error(SftpDestination(rule(sshd, sftp_dir, concurrency=2, login_timeout=0.5,
+                                           keepalive_interval=0.2)))
+    assert isinstance(exc, RetryableError), repr(exc)
+    assert len(made) == 2
+    assert [s.fileno() for s in made] == [-1, -1]  # closed, not left to the collector
+
+
 CHILD = """
 import asyncio, sys
 from pathlib import Path

@@ -107,8 +107,11 @@ def test_resume_through_cutting_proxy_to_real_sshd(tmp_path: Path, sshd: Sshd,  
         acks: list[int] = [0]
 
         async def first() -> None:
-            with pytest.raises(RetryableError):
-                await dest.stage(src, "big.bin", (), 0, acks.append)
+            try:
+                with pytest.raises(RetryableError):
+                    await dest.stage(src, "big.bin", (), 0, acks.append)
+            finally:
+                await dest.close()  # the lost connection's sockets and processes collected
 
         asyncio.run(first())
         assert proxy.cuts == 1 and acks[-1] > 20 * MB

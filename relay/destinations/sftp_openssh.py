@@ -197,7 +197,9 @@ class OpensshLink:
         self.channels: list[_Proc] = []
         self._sockdir = sockdir
         self._closed = False
-        self._tasks: list[asyncio.Task[None]] = []
+        self._tasks: list[asyncio.Task[None]] = []  # each channel's SFTP reader
+        self._socks: list[socket.socket] = []  # our end of each channel's socket pair
+        self._streams: list[asyncio.StreamWriter] = []  # ... once asyncio wraps it
         for line in master.lines:
             self._note(line)
 
@@ -224,6 +226,19 @@ class OpensshLink:
     async def wait_closed(self) -> None:
         for p in (*self.channels, self.master):
             await p.wait()
+        # Each reader sees EOF from its killed process and asyncssh's cleanup closes its
+        # channel. A channel cancelled before its reader started (a stalled open) has no
+        # one to close it: close every socket here, so none is left for the garbage
+        # collector when the event loop ends.
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=1)
+        for w in self._streams:
+            w.transport.abort()
+        for w in self._streams:
+            with contextlib.suppress(Exception):
+                await w.wait_closed()
+        for sock in self._socks:
+            sock.close()  # a no-op for one its transport has closed
 
     async def reap(self) -> None:
         """Abort and collect the processes (they die at once): a process left to the end
@@ -299,9 +314,13 @@ async def open_openssh(rule: DestinationRule, user: str, host: str, port: int,
             await asyncio.sleep(0.005)
         for line in master.lines:
             link._note(line)
-        opened = await asyncio.wait_for(asyncio.gather(
-            *(_channel(link, ssh, opts, sock, user, host) for _ in range(channels)),
-            return_exceptions=True), stall)
+        try:
+            opened = await asyncio.wait_for(asyncio.gather(
+                *(_channel(link, ssh, opts, sock, user, host) for _ in range(channels)),
+                return_exceptions=True), stall)
+        except TimeoutError:
+            raise RetryableError(f"{what}: logged in, but no SFTP channel answered within "
+                                 f"{stall:g} s") from None
     except Exception:
         await link.reap()
         raise
@@ -321,6 +340,7 @@ async def _channel(link: OpensshLink, ssh: str, opts: list[str], sock: str, user
     # A socket pair, not pipes: a socket wakes its writer when a third of its buffer is
     # free, a pipe whenever a page is, so bulk writes take far fewer loop turns.
     ours, theirs = socket.socketpair()
+    link._socks.append(ours)
     try:
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SOCKET_BUFFER)
         ours.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER)
@@ -336,6 +356,7 @@ async def _channel(link: OpensshLink, ssh: str, opts: list[str], sock: str, user
         theirs.close()
     link.channels.append(p)
     stream_r, stream_w = await asyncio.open_unix_connection(sock=ours, limit=SOCKET_BUFFER)
+    link._streams.append(stream_w)
     # duck-typed stand-ins for asyncssh's SSHReader/SSHWriter
     reader: Any = _Reader(stream_r, link.server)
     writer: Any = _Writer(p, stream_w)
