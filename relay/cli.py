@@ -134,10 +134,12 @@ def _check(settings: Settings, probe: bool) -> int:
     wants_ssh = [d.name for d in rules.destinations
                  if d.scheme == "sftp" and d.transport == "openssh"]
     if wants_ssh:
-        from relay.destinations.sftp_openssh import ssh_binary  # imports asyncssh: only here
+        # imports asyncssh: only here
+        from relay.destinations.sftp_openssh import asyncssh_compatible, ssh_binary
 
         try:
             ssh_binary()
+            asyncssh_compatible()
         except RelayError as exc:
             print(f"relay: {', '.join(wants_ssh)}: {exc}", file=sys.stderr)
             return 1

@@ -446,6 +446,27 @@ def test_relay_check_says_when_ssh_is_missing(tmp_path: Path) -> None:
     assert ok.returncode == 0 and ok.stdout.startswith("ok: "), ok.stdout + ok.stderr
 
 
+def test_an_asyncssh_with_other_internals_is_refused_clearly(
+        sshd: Sshd, sftp_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The transport drives asyncssh's SFTPClientHandler directly. With an asyncssh whose
+    handler takes other arguments (2.21's, say) a connect is a permanent error naming the
+    version and the way out, not a TypeError; the installed one passes."""
+    import asyncssh.sftp
+
+    import relay.destinations.sftp_openssh as mod
+
+    mod.asyncssh_compatible()  # the installed asyncssh
+
+    class Old(asyncssh.sftp.SFTPClientHandler):  # asyncssh 2.21's constructor
+        def __init__(self, loop: Any, reader: Any, writer: Any, sftp_version: int) -> None:
+            raise AssertionError("never constructed")
+
+    monkeypatch.setattr(mod, "SFTPClientHandler", Old)
+    exc = start_error(SftpDestination(rule(sshd, sftp_dir)))
+    assert isinstance(exc, PermanentError), repr(exc)
+    assert "asyncssh" in str(exc) and "transport: asyncssh" in str(exc), exc
+
+
 def test_killing_an_exited_ssh_keeps_its_exit_status(monkeypatch: pytest.MonkeyPatch,
                                                       caplog: pytest.LogCaptureFixture) -> None:
     """Aborting a link kills processes that may have just exited. Popen.kill() polls first,

@@ -26,6 +26,7 @@ import asyncio
 import collections
 import contextlib
 import ctypes
+import inspect
 import math
 import os
 import shutil
@@ -47,7 +48,7 @@ from relay.errors import PermanentError, RetryableError
 from relay.logs import get_logger
 from relay.rules import DestinationRule
 
-__all__ = ["OpensshLink", "open_openssh"]
+__all__ = ["OpensshLink", "asyncssh_compatible", "open_openssh", "ssh_binary", "ssh_options"]
 
 log = get_logger()
 
@@ -66,6 +67,26 @@ def ssh_binary() -> str:
         raise PermanentError("transport: openssh needs OpenSSH's ssh client on PATH "
                              "(Debian: apt-get install openssh-client)")
     return ssh
+
+
+# What this module calls SFTPClientHandler with (asyncssh 2.22 to 2.24; 2.21 and older
+# took no utf8_decode_errors and had no request_limits()).
+_HANDLER_ARGS = ["self", "loop", "utf8_decode_errors", "reader", "writer", "sftp_version"]
+
+
+def asyncssh_compatible() -> None:
+    """Raise PermanentError when the installed asyncssh's SFTP client internals are not the
+    ones this transport drives: a clear refusal instead of a TypeError on every connect."""
+    params = inspect.signature(SFTPClientHandler.__init__).parameters
+    extra = list(params.values())[len(_HANDLER_ARGS):]
+    if list(params)[:len(_HANDLER_ARGS)] != _HANDLER_ARGS \
+            or any(p.default is inspect.Parameter.empty for p in extra) \
+            or not all(hasattr(SFTPClientHandler, m)
+                       for m in ("start", "recv_packets", "request_limits")):
+        raise PermanentError(
+            f"transport: openssh drives asyncssh's SFTP client internals, and asyncssh "
+            f"{asyncssh.__version__}'s differ from those it was built for (2.22 to 2.24); "
+            "use transport: asyncssh, or install asyncssh 2.22 to 2.24")
 
 
 def ssh_options(rule: DestinationRule, port: int) -> list[str]:
@@ -279,6 +300,7 @@ async def open_openssh(rule: DestinationRule, user: str, host: str, port: int,
     """Start the master, wait until it has logged in, then open up to ``channels`` SFTP
     channels over it (at least one, or raise)."""
     what = f"connecting to {host}:{port}"
+    asyncssh_compatible()
     ssh = ssh_binary()
     if rule.identity is None:
         raise PermanentError("transport: openssh needs `identity` (a private key file)")
