@@ -486,6 +486,7 @@ def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # 
             "relay_sftp_logins_total", {"destination": name}) or 0)
 
     logins_before = logins_metric()
+    polite = sshd.log.read_text(errors="replace").count("Received disconnect from")
     with TcpProxy(sshd.host, sshd.port) as proxy:
         dest = SftpDestination(_proxied_rule(tmp_path, sshd, proxy, sftp_dir, name=name,
                                              idle_timeout=0.3))
@@ -508,6 +509,13 @@ def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # 
                     assert dest.pool.session is None and link.is_closed()
                     assert connected() == 0
                     await wait_closed(link)  # its processes collected (openssh)
+                    # closed politely: the server logs an SSH disconnect, not a reset
+                    deadline = time.monotonic() + 10
+                    while sshd.log.read_text(errors="replace").count(
+                            "Received disconnect from") == polite and time.monotonic() < deadline:
+                        await asyncio.sleep(0.02)
+                    assert sshd.log.read_text(errors="replace").count(
+                        "Received disconnect from") == polite + 1
                     await deliver(dest, src, "two")
                     assert connected() == 1 and logins_metric() == logins_before + 2
                 finally:

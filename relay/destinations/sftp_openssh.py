@@ -129,13 +129,13 @@ class _Proc:
         async for raw in stream:
             self.lines.append(raw.decode(errors="replace").rstrip())
 
-    def kill(self) -> None:
+    def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 if self._pidfd is not None:
-                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                    signal.pidfd_send_signal(self._pidfd, sig)
                 else:
-                    os.kill(self.proc.pid, signal.SIGKILL)
+                    os.kill(self.proc.pid, sig)
 
     async def wait(self) -> int:
         rc = await self.proc.wait()
@@ -218,6 +218,7 @@ class OpensshLink:
         self.channels: list[_Proc] = []
         self._sockdir = sockdir
         self._closed = False
+        self._polite = False  # closed with SIGTERM (close()), not SIGKILL (abort())
         self._tasks: list[asyncio.Task[None]] = []  # each channel's SFTP reader
         self._socks: list[socket.socket] = []  # our end of each channel's socket pair
         self._streams: list[asyncio.StreamWriter] = []  # ... once asyncio wraps it
@@ -241,10 +242,24 @@ class OpensshLink:
             p.kill()
         shutil.rmtree(self._sockdir, ignore_errors=True)
 
+    def close(self) -> None:
+        # SIGTERM: ssh sends the server an SSH disconnect ("disconnected by user") before it
+        # exits, where SIGKILL leaves it a reset connection to log. wait_closed() kills
+        # whatever has not exited after a moment.
+        self._closed = True
+        self._polite = True
+        for p in (*self.channels, self.master):
+            p.kill(signal.SIGTERM)
+
     def is_closed(self) -> bool:
         return self._closed or self.master.proc.returncode is not None
 
     async def wait_closed(self) -> None:
+        if self._polite:
+            procs = [asyncio.ensure_future(p.wait()) for p in (*self.channels, self.master)]
+            _, late = await asyncio.wait(procs, timeout=2)
+            if late:
+                self.abort()
         for p in (*self.channels, self.master):
             await p.wait()
         # Each reader sees EOF from its killed process and asyncssh's cleanup closes its

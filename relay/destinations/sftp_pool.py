@@ -146,11 +146,12 @@ class Pool:
         ``session`` from the pool."""
         return translate(what, self.rule, self.user, lambda: self.drop(session))
 
-    def drop(self, session: Session | None, reason: str = "connection lost") -> None:
+    def drop(self, session: Session | None, reason: str = "connection lost",
+             polite: bool = False) -> None:
         if session is not None and session is self.session:
             self.session = None
             METRICS.sftp_connected.labels(self.name).set(0)
-            session.close()
+            session.close(polite)
             # collect its processes in the background (close() waits for what is left)
             task = asyncio.ensure_future(wait_closed(session.link))
             self._closing.add(task)
@@ -177,7 +178,8 @@ class Pool:
         # processes) for a destination that has nothing to send.
         self._idle_timer = None
         if self._busy == 0:
-            self.drop(self.session, reason=f"idle for {self.rule.idle_timeout:g} s")
+            self.drop(self.session, reason=f"idle for {self.rule.idle_timeout:g} s",
+                      polite=True)
 
     @contextlib.asynccontextmanager
     async def op(self, what: str) -> AsyncIterator[tuple[Session, asyncssh.SFTPClient]]:

@@ -54,6 +54,9 @@ class Link(Protocol):
     def abort(self) -> None:
         """Close at once; every outstanding request fails."""
 
+    def close(self) -> None:
+        """Close politely (an SSH disconnect the server logs as such), for an idle link."""
+
     def is_closed(self) -> bool: ...
 
     async def wait_closed(self) -> None: ...
@@ -70,6 +73,9 @@ class AsyncsshLink:
 
     def abort(self) -> None:
         self.conn.abort()
+
+    def close(self) -> None:
+        self.conn.close()
 
     def is_closed(self) -> bool:
         return self.conn.is_closed()
@@ -179,10 +185,14 @@ class Session:
         finally:
             self.extra -= seconds
 
-    def close(self) -> None:
+    def close(self, polite: bool = False) -> None:
+        """Abort the link, or with ``polite`` (nothing in flight) close it politely."""
         if self._timer is not None:
             self._timer.cancel()
-        self.link.abort()
+        if polite:
+            self.link.close()
+        else:
+            self.link.abort()
 
 
 async def wait_closed(link: Link) -> None:
