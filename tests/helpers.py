@@ -32,6 +32,15 @@ def wait_for(pred: Callable[[], Any], timeout: float = 20.0, what: str = "condit
         delay = min(delay * 2, 0.1)
 
 
+async def until(pred: Callable[[], Any], timeout: float = 10.0) -> Any:
+    """wait_for() inside an event loop: poll ``pred`` (without blocking the loop) until
+    truthy or ``timeout`` seconds pass; returns the last value (the caller asserts it)."""
+    deadline = time.monotonic() + timeout
+    while not (value := pred()) and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return value
+
+
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 

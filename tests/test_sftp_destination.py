@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from relay.errors import PermanentError, RetryableError, SourceVanished
 from relay.metrics import METRICS
 from relay.rules import DestinationRule
 from tests.fault_sftp import FaultServer, fault_server
-from tests.helpers import start_error
+from tests.helpers import start_error, until, wait_for
 from tests.sshd_server import Sshd, make_key, running_sshd, sftp_dir, sshd  # noqa: F401
 from tests.tcp_proxy import TcpProxy, _open
 
@@ -425,18 +424,22 @@ def test_concurrency_limit_honoured(tmp_path: Path, faulty: FaultServer) -> None
         assert (faulty.root / "out" / p.name).read_bytes() == data
 
 
+def _proxied_rule(tmp_path: Path, sshd: Sshd, proxy: TcpProxy, root: Path,  # noqa: F811
+                  **kw: Any) -> DestinationRule:
+    kh = tmp_path / "kh"
+    kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
+    opts: dict[str, Any] = {"name": "p", "identity": sshd.client_key, "known_hosts": kh,
+                            **_current, **kw}
+    return DestinationRule(url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}{root}", **opts)
+
+
 def test_many_files_share_one_pooled_connection(tmp_path: Path, sshd: Sshd,  # noqa: F811
                                                 sftp_dir: Path) -> None:  # noqa: F811
     """60 concurrent deliveries to real sshd use one TCP connection and one login."""
     srcs = [payload(tmp_path, 4096, f"s{i}") for i in range(60)]
     logins = sshd.logins()
     with TcpProxy(sshd.host, sshd.port) as proxy:
-        kh = tmp_path / "kh"
-        kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
-        rule = DestinationRule(name="p", url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}"
-                               f"{sftp_dir}", identity=sshd.client_key, known_hosts=kh,
-                               **_current)
-        dest = SftpDestination(rule)
+        dest = SftpDestination(_proxied_rule(tmp_path, sshd, proxy, sftp_dir))
 
         async def go() -> None:
             try:
@@ -448,24 +451,6 @@ def test_many_files_share_one_pooled_connection(tmp_path: Path, sshd: Sshd,  # n
         assert proxy.connections == 1
     assert sshd.logins() == logins + 1
     assert all((sftp_dir / p.name).read_bytes() == d for p, d in srcs)
-
-
-def _proxied_rule(tmp_path: Path, sshd: Sshd, proxy: TcpProxy, root: Path,  # noqa: F811
-                  **kw: Any) -> DestinationRule:
-    kh = tmp_path / "kh"
-    kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
-    opts: dict[str, Any] = {"name": "p", "identity": sshd.client_key, "known_hosts": kh,
-                            **_current, **kw}
-    return DestinationRule(url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}{root}", **opts)
-
-
-def _poll(cond: Any, seconds: float = 10) -> bool:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # noqa: F811
@@ -485,8 +470,11 @@ def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # 
         return float(METRICS.registry.get_sample_value(
             "relay_sftp_logins_total", {"destination": name}) or 0)
 
+    def disconnects() -> int:  # SSH disconnects sshd has logged (a polite close)
+        return sshd.log.read_text(errors="replace").count("Received disconnect from")
+
     logins_before = logins_metric()
-    polite = sshd.log.read_text(errors="replace").count("Received disconnect from")
+    polite = disconnects()
     with TcpProxy(sshd.host, sshd.port) as proxy:
         dest = SftpDestination(_proxied_rule(tmp_path, sshd, proxy, sftp_dir, name=name,
                                              idle_timeout=0.3))
@@ -503,19 +491,13 @@ def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # 
                     async with dest.pool.op("holding"):
                         await asyncio.sleep(0.9)
                         assert dest.pool.session is first and not link.is_closed()
-                    deadline = time.monotonic() + 10
-                    while dest.pool.session is not None and time.monotonic() < deadline:
-                        await asyncio.sleep(0.01)
+                    await until(lambda: dest.pool.session is None)
                     assert dest.pool.session is None and link.is_closed()
                     assert connected() == 0
                     await wait_closed(link)  # its processes collected (openssh)
                     # closed politely: the server logs an SSH disconnect, not a reset
-                    deadline = time.monotonic() + 10
-                    while sshd.log.read_text(errors="replace").count(
-                            "Received disconnect from") == polite and time.monotonic() < deadline:
-                        await asyncio.sleep(0.02)
-                    assert sshd.log.read_text(errors="replace").count(
-                        "Received disconnect from") == polite + 1
+                    await until(lambda: disconnects() > polite)
+                    assert disconnects() == polite + 1
                     await deliver(dest, src, "two")
                     assert connected() == 1 and logins_metric() == logins_before + 2
                 finally:
@@ -524,7 +506,8 @@ def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # 
             return logs
 
         logs = asyncio.run(go())
-        assert _poll(lambda: not any(_open(t) for t in proxy._transports))
+        wait_for(lambda: not any(_open(t) for t in proxy._transports),
+                 what="the proxy's connections to close")
         assert proxy.connections == 2
     assert sshd.logins() == logins + 2
     assert (sftp_dir / "one").read_bytes() == data == (sftp_dir / "two").read_bytes()

@@ -43,7 +43,7 @@ import asyncssh
 from asyncssh.logging import logger as ssh_logger
 from asyncssh.sftp import SFTPClientHandler
 
-from relay.destinations.sftp_session import PREFERRED_CIPHERS
+from relay.destinations.sftp_session import PREFERRED_CIPHERS, wait_closed
 from relay.errors import PermanentError, RetryableError
 from relay.logs import get_logger
 from relay.rules import DestinationRule
@@ -280,8 +280,7 @@ class OpensshLink:
         """Abort and collect the processes (they die at once): a process left to the end
         of the event loop leaves its transport to the garbage collector."""
         self.abort()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.wait_closed(), 5)
+        await wait_closed(self)
 
 
 def _refusal(what: str, rule: DestinationRule, user: str, p: _Proc, rc: int) -> Exception:

@@ -146,12 +146,16 @@ class Pool:
         ``session`` from the pool."""
         return translate(what, self.rule, self.user, lambda: self.drop(session))
 
+    def _forget(self, session: Session, polite: bool = False) -> None:
+        """Take the pooled session out of the pool and close it (the caller collects it)."""
+        self.session = None
+        METRICS.sftp_connected.labels(self.name).set(0)
+        session.close(polite)
+
     def drop(self, session: Session | None, reason: str = "connection lost",
              polite: bool = False) -> None:
         if session is not None and session is self.session:
-            self.session = None
-            METRICS.sftp_connected.labels(self.name).set(0)
-            session.close(polite)
+            self._forget(session, polite)
             # collect its processes in the background (close() waits for what is left)
             task = asyncio.ensure_future(wait_closed(session.link))
             self._closing.add(task)
@@ -200,10 +204,9 @@ class Pool:
         if self._idle_timer is not None:
             self._idle_timer.cancel()
             self._idle_timer = None
-        s, self.session = self.session, None
+        s = self.session
         if s is not None:
-            METRICS.sftp_connected.labels(self.name).set(0)
-            s.close()
+            self._forget(s)
             await wait_closed(s.link)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
