@@ -204,6 +204,7 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
         (d / f"f{i}.dat.sha256").write_text(hashlib.sha256(data).hexdigest())
     runs: list[float] = []
     cpu: list[float] = []
+    outs: list[Path] = []
     for i in range(repeat):
         out, root = work / f"small-out-{sync}-{i}", work / f"sr-{sync}-{i}"
         out.mkdir()
@@ -219,6 +220,13 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
         delivered = sum(1 for _ in out.rglob("*.dat"))
         assert delivered == count, (delivered, count)
         runs.append(secs)
+        outs.append(out)
+    # Removed only now: on this VM's ext4 (no journal) the inode allocator passes over
+    # inodes freed in the last minutes, with a buffer-cache lookup for each
+    # (recently_deleted(): 21% of all CPU in a perf profile of a run right after an
+    # `rm -r` of the previous output), so each run was slowed by the one before it
+    # (755, 637, 573 files/s in that order, 2026-11-30, sixth session).
+    for out in outs:
         shutil.rmtree(out)
     secs = statistics.median(runs)
     return {"files": count, "journal_sync": sync, "concurrency": _default_concurrency(),

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from relay.coalesce import Coalescer
 from relay.destinations.base import Progress, Staged, temp_name
 from relay.errors import (
     PermanentError,
@@ -35,6 +36,9 @@ _PROGRESS_EVERY = 8 * CHUNK
 _PIPE_FROM = 8 * CHUNK  # below this a helper thread costs more than it saves
 _STEP = 4 * CHUNK  # = HashPipe's buffer size
 _SMALL_BUF = 64 * 1024
+# Sources up to this size are staged in coalesced hops (relay.coalesce): a few ms of work
+# at most, so a batch-mate waits little; larger ones get a thread hop of their own.
+_COALESCE_UP_TO = 256 * 1024
 
 
 class _NoKernelCopy(Exception):
@@ -78,6 +82,7 @@ class LocalDestination:
         self.name = rule.name
         self.rule = rule
         self.root = file_url_root(rule.url).absolute()
+        self._calls = Coalescer()
 
     async def start(self) -> None:
         with _translate(f"destination root {self.root}"):
@@ -172,6 +177,12 @@ class LocalDestination:
 
     async def stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
                     progress: Progress) -> Staged:
+        try:
+            small = os.stat(src).st_size <= _COALESCE_UP_TO
+        except OSError:
+            small = True  # _stage says what is wrong, in the relay error tree
+        if small:
+            return await self._calls.run(self._stage, src, target, algos, acked, progress)
         return await asyncio.to_thread(self._stage, src, target, algos, acked, progress)
 
     def _stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
@@ -358,7 +369,7 @@ class LocalDestination:
                 raise SignalFailed(str(exc)) from exc
             return True
 
-        return await asyncio.to_thread(_publish)
+        return await self._calls.run(_publish)
 
     def _put_small(self, target: str, data: bytes, checked: bool = False) -> None:
         """Write ``target`` via its temporary. ``checked``: its folder and its temporary's

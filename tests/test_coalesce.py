@@ -1,0 +1,148 @@
+"""Coalescer: calls of one loop turn share thread hops, each keeps to_thread's semantics."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from relay.coalesce import Coalescer
+from relay.destinations.local import LocalDestination
+from relay.rules import DestinationRule
+
+
+def test_calls_of_one_turn_share_hops_within_the_limits() -> None:
+    """20 calls submitted together: hops of at most max_batch calls, at most max_parallel
+    at once, every caller gets its own result, and calls run on worker threads."""
+    c = Coalescer(max_batch=8, max_parallel=2)
+    lock = threading.Lock()
+    running = peak = 0
+    threads: set[int] = set()
+
+    def work(i: int) -> int:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+            threads.add(threading.get_ident())
+        time.sleep(0.002)  # long enough for the hops to overlap if the limit allowed it
+        with lock:
+            running -= 1
+        return i * i
+
+    async def go() -> list[int]:
+        return await asyncio.gather(*(c.run(work, i) for i in range(20)))
+
+    assert asyncio.run(go()) == [i * i for i in range(20)]
+    assert c.hops == 3  # 8 + 8 + 4
+    assert peak <= 2
+    assert threading.get_ident() not in threads
+
+
+def test_one_call_alone_is_one_hop_at_once() -> None:
+    """A single call (a file arriving alone) does not wait for company."""
+    c = Coalescer()
+
+    async def go() -> float:
+        t = time.perf_counter()
+        assert await c.run(lambda: "x") == "x"
+        return time.perf_counter() - t
+
+    assert asyncio.run(go()) < 1.0
+    assert c.hops == 1
+
+
+def test_an_exception_reaches_its_own_caller_only() -> None:
+    c = Coalescer(max_batch=8, max_parallel=1)
+
+    def work(i: int) -> int:
+        if i == 3:
+            raise OSError(f"bad {i}")
+        return i
+
+    async def go() -> list[int | BaseException]:
+        return await asyncio.gather(*(c.run(work, i) for i in range(6)),
+                                    return_exceptions=True)
+
+    out = asyncio.run(go())
+    assert [x for x in out if not isinstance(x, BaseException)] == [0, 1, 2, 4, 5]
+    assert isinstance(out[3], OSError) and str(out[3]) == "bad 3"
+    assert c.hops == 1
+
+
+def test_a_call_cancelled_before_its_hop_never_runs() -> None:
+    """As with to_thread, whose queued work item is dropped when its caller goes."""
+    c = Coalescer(max_batch=1, max_parallel=1)
+    ran: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def work(i: int) -> int:
+        if i == 0:
+            started.set()
+            release.wait(5)
+        ran.append(i)
+        return i
+
+    async def go() -> None:
+        first = asyncio.ensure_future(c.run(work, 0))
+        second = asyncio.ensure_future(c.run(work, 1))
+        third = asyncio.ensure_future(c.run(work, 2))
+        assert await asyncio.to_thread(started.wait, 5)  # first hop running, others queued
+        second.cancel()
+        release.set()
+        assert await first == 0
+        assert await third == 2
+        with pytest.raises(asyncio.CancelledError):
+            await second
+
+    asyncio.run(go())
+    assert ran == [0, 2]
+
+
+def test_works_again_on_a_new_loop() -> None:
+    """The CLI and the tests run several loops in turn: nothing left by one blocks the next."""
+    c = Coalescer()
+
+    async def go(n: int) -> list[int]:
+        return await asyncio.gather(*(c.run(int, i) for i in range(n)))
+
+    assert asyncio.run(go(3)) == [0, 1, 2]
+    assert asyncio.run(go(2)) == [0, 1]
+
+
+def test_limits_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        Coalescer(max_batch=0)
+
+
+def test_local_destination_coalesces_small_stages_and_publishes(tmp_path: Path) -> None:
+    """Eight small files staged and published together: a hop per step, not per file;
+    a large one still gets its own hop (it would hold its batch-mates for seconds)."""
+    (tmp_path / "out").mkdir()
+    srcs = []
+    for i in range(8):
+        p = tmp_path / f"s{i}"
+        p.write_bytes(b"%d" % i * 100)
+        srcs.append(p)
+    big = tmp_path / "big"
+    big.write_bytes(b"b" * (1 << 20))
+    dest = LocalDestination(DestinationRule(name="o", url=f"file://{tmp_path / 'out'}"))
+
+    async def go() -> None:
+        staged = await asyncio.gather(*(dest.stage(p, f"d/{p.name}", (), 0, lambda n: None)
+                                        for p in srcs))
+        assert dest._calls.hops == 1
+        ok = await asyncio.gather(*(dest.publish(s.target, s.tmp, [(s.target + ".ok", b"")])
+                                    for s in staged))
+        assert ok == [True] * 8
+        assert dest._calls.hops == 2
+        await dest.stage(big, "d/big", (), 0, lambda n: None)
+        assert dest._calls.hops == 2
+
+    asyncio.run(go())
+    for p in srcs:
+        assert (tmp_path / "out/d" / p.name).read_bytes() == p.read_bytes()
+        assert (tmp_path / "out/d" / f"{p.name}.ok").exists()
