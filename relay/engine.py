@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.breaker import Breaker
+from relay.coalesce import Coalescer
 from relay.config import Settings
 from relay.delivery import Member, Outcome, deliver_to
 from relay.destinations.base import NAME_MAX, Destination, open_destination
@@ -28,7 +29,7 @@ from relay.logs import get_logger
 from relay.metrics import METRICS
 from relay.paths import render_template, safe_relpath
 from relay.readiness import gather, gather_batch, through_symlink
-from relay.rules import Route, Rules, SourceRule
+from relay.rules import ReadyRule, Route, Rules, SourceRule
 from relay.signal_files import Declared
 from relay.watcher import SourceWatcher
 
@@ -65,6 +66,7 @@ class Engine(Evaluation):
         self.breakers: dict[str, Breaker] = {}
         self._bg: set[asyncio.Task[None]] = set()
         self._last_reason: dict[int, str] = {}
+        self._calls = Coalescer()  # the post-actions' file work (relay.coalesce)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a background coroutine, keeping a reference so it is not collected."""
@@ -285,14 +287,6 @@ class Engine(Evaluation):
             self._finish(row, route)
             return
         if row.kind == "file":
-            ev = await asyncio.to_thread(gather, src.path, row.rel, src.ready, False)
-            if ev.fingerprint != row.fingerprint and route.then != "keep" \
-                    and ev.verdict != "gone" and (src.path / row.rel).exists():
-                log.warning("post_action_skipped", file=row.rel, route=route.name,
-                            reason="source changed after it was delivered")
-                self._finish(row, route)
-                self.deferred[row.id] = (row.source, row.kind, row.rel)
-                return
             paths = [row.rel, *[f"{row.rel}.{a}" for a in src.ready.checksums],
                      *[row.rel + s for s in src.ready.markers]]
         else:
@@ -301,14 +295,22 @@ class Engine(Evaluation):
             if src.ready.manifest:
                 paths.append(prefix + src.ready.manifest)
             paths.append(prefix + str(src.ready.directory_marker))  # the marker goes last
-        if route.then != "keep":
-            await self.journal.durable()  # 'delivered' (and history) before the source goes
-            try:
-                await asyncio.to_thread(_apply_then, src.path, paths, route.then)
-            except OSError as exc:
-                log.error("post_action_failed", file=row.rel, route=route.name, error=str(exc))
-                self.journal.update_file(row.id, reason=f"post-action failed: {exc}")
-                return
+        await self.journal.durable()  # 'delivered' (and history) before the source goes
+        try:
+            # One coalesced hop per file: re-read the evidence, then delete or archive.
+            applied = await self._calls.run(
+                _recheck_then_apply, src.path, row.rel, src.ready,
+                row.fingerprint if row.kind == "file" else None, paths, route.then)
+        except OSError as exc:
+            log.error("post_action_failed", file=row.rel, route=route.name, error=str(exc))
+            self.journal.update_file(row.id, reason=f"post-action failed: {exc}")
+            return
+        if not applied:
+            log.warning("post_action_skipped", file=row.rel, route=route.name,
+                        reason="source changed after it was delivered")
+            self._finish(row, route)
+            self.deferred[row.id] = (row.source, row.kind, row.rel)
+            return
         self._finish(row, route)
 
     def _finish(self, row: FileRow, route: Route) -> None:
@@ -368,6 +370,18 @@ def _fits_with_signals(target: str, route: Route) -> None:
         if len(name) + len(suffix.encode()) > NAME_MAX:
             raise UnsafePathError(f"{target}{suffix} is longer than {NAME_MAX} bytes, the "
                                   "longest name a filesystem takes")
+
+
+def _recheck_then_apply(root: Path, rel: str, ready: ReadyRule, fingerprint: str | None,
+                        paths: list[str], then: str) -> bool:
+    """Apply ``then`` to ``paths`` unless the file at ``rel`` (with ``fingerprint``; None:
+    a batch, nothing to re-check) changed after it was delivered: False, nothing touched."""
+    if fingerprint is not None:
+        ev = gather(root, rel, ready, False)
+        if ev.fingerprint != fingerprint and ev.verdict != "gone" and (root / rel).exists():
+            return False
+    _apply_then(root, paths, then)
+    return True
 
 
 def _apply_then(root: Path, paths: list[str], then: str) -> None:
