@@ -103,43 +103,46 @@ def test_a_sidecar_written_while_it_is_read_is_looked_at_again(
     """A sidecar read empty just after its creation, then written before the fingerprint
     is taken, must not be recorded as judged: the fingerprint of what we read differs from
     the one of the written file, so the next event makes relay decide again."""
-    import builtins
-
-    import relay.readiness as readiness
-
     data = b"x" * 100
     (tmp_path / "p").write_bytes(data)
     sidecar = tmp_path / "p.sha256"
     sidecar.write_bytes(b"")
-    real_open = builtins.open
+    inode = sidecar.stat().st_ino
+    real_read = os.read
 
-    class WrittenDuringRead:
-        def __init__(self, f: object) -> None:
-            self.f = f
-
-        def __enter__(self) -> WrittenDuringRead:
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.f.close()  # type: ignore[attr-defined]
-
-        def fileno(self) -> int:
-            return int(self.f.fileno())  # type: ignore[attr-defined]
-
-        def read(self, n: int) -> bytes:
-            got = bytes(self.f.read(n))  # type: ignore[attr-defined]
-            with real_open(sidecar, "ab") as w:  # the producer writes now
+    def racing_read(fd: int, n: int) -> bytes:
+        got = real_read(fd, n)
+        if os.fstat(fd).st_ino == inode:
+            with open(sidecar, "ab") as w:  # the producer writes now, after our read
                 w.write(hashlib.sha256(data).hexdigest().encode())
-            return got
+        return got
 
-    def racing_open(path: object, mode: str = "r", *a: object, **k: object) -> object:
-        f = real_open(path, mode, *a, **k)  # type: ignore[call-overload]
-        return WrittenDuringRead(f) if str(path) == str(sidecar) else f
-
-    monkeypatch.setattr(readiness, "open", racing_open, raising=False)
+    monkeypatch.setattr(os, "read", racing_read)
     first = gather(tmp_path, "p", ReadyRule())
     monkeypatch.undo()
     assert first.verdict == "invalid"  # it read an empty sidecar
     second = gather(tmp_path, "p", ReadyRule())
     assert second.verdict == "ready"
     assert second.fingerprint != first.fingerprint  # so the engine looks again
+
+
+def test_signal_file_turned_fifo_after_its_stat_does_not_hang(tmp_path: Path) -> None:
+    """Between gather's stat and its read a sidecar may be swapped for a FIFO: the read
+    (O_NONBLOCK, then fstat) says "not a regular file" instead of blocking in open()."""
+    from relay.readiness import _read_small
+    from relay.signal_files import MalformedSignal
+
+    os.mkfifo(tmp_path / "x.sha256")
+    with pytest.raises(MalformedSignal, match="not a regular file"):
+        _read_small(tmp_path / "x.sha256")
+
+
+def test_symlinked_manifest_is_not_followed(tmp_path: Path) -> None:
+    """A manifest that is a symlink makes its batch invalid (never read through)."""
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x").write_bytes(b"x")
+    (tmp_path / "elsewhere").write_text(f"{H}  x\n")
+    (tmp_path / "b" / "SHA256SUMS").symlink_to(tmp_path / "elsewhere")
+    (tmp_path / "b" / "_SUCCESS").write_bytes(b"")
+    ev = gather_batch(tmp_path, "b", ReadyRule(), lambda r: False)
+    assert ev.verdict == "invalid" and "SHA256SUMS" in ev.reason, ev
