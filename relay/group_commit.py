@@ -32,7 +32,7 @@ import contextlib
 import os
 import sqlite3
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 __all__ = ["GROUP_WINDOW", "GroupCommit"]
@@ -60,6 +60,7 @@ class GroupCommit:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._syncer: asyncio.Task[None] | None = None
         self._dir_synced = False
+        self._joined = _Joined(db)
 
     def commit_all(self) -> None:
         """Commit what is open and, with ``full``, fsync it (at close: no loop needed)."""
@@ -74,13 +75,24 @@ class GroupCommit:
             self._sync_wal()
             self._synced = self._committed
 
-    @contextmanager
-    def tx(self, atomic: bool = True) -> Iterator[sqlite3.Connection]:
+    def tx(self, atomic: bool = True) -> AbstractContextManager[sqlite3.Connection]:
         """One atomic group of writes. On the event loop it joins the open group
         transaction (see the module doc: ``durable()`` before any side effect it allows);
         elsewhere it is committed (and fsynced when ``full``) when the block ends.
         ``atomic=False`` is for a block of a single write statement, which SQLite keeps
         atomic by itself: no savepoint needed."""
+        if not atomic and self._open is not None:
+            # The usual case on a busy loop: joining the open group needs nothing done
+            # before or after the block, so skip the generator machinery (several per file).
+            try:
+                if self._open is asyncio.get_running_loop():
+                    return self._joined
+            except RuntimeError:
+                pass
+        return self._tx(atomic)
+
+    @contextmanager
+    def _tx(self, atomic: bool) -> Iterator[sqlite3.Connection]:
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
@@ -227,3 +239,17 @@ class GroupCommit:
             finally:
                 os.close(fd)
             self._dir_synced = True
+
+
+class _Joined(AbstractContextManager[sqlite3.Connection]):
+    """The open group transaction, as :meth:`GroupCommit.tx` hands it out for a single
+    statement: nothing to begin or end around the block."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        return self.db
+
+    def __exit__(self, *exc: object) -> None:
+        return None

@@ -171,13 +171,19 @@ def _to_sql(value: object) -> object:
 
 def _decoded(row: Any) -> tuple[Any, ...]:
     """A positional row with the bytes of non-UTF-8 names back as the str we use."""
-    return tuple(os.fsdecode(v) if isinstance(v, bytes) else v for v in row)
+    for v in row:  # a plain loop: most rows hold no bytes, and this runs for every row
+        if isinstance(v, bytes):
+            return tuple(os.fsdecode(v) if isinstance(v, bytes) else v for v in row)
+    return tuple(row)
 
 
 def _adapt(parameters: Any) -> Any:
     if isinstance(parameters, Mapping):
         return {k: _to_sql(v) for k, v in parameters.items()}
-    return tuple(_to_sql(v) for v in parameters)
+    for v in parameters:  # the common case: nothing to change, no new tuple
+        if isinstance(v, str) and not v.isascii():
+            return tuple(_to_sql(v) for v in parameters)
+    return parameters
 
 
 class _Connection(sqlite3.Connection):
