@@ -146,3 +146,31 @@ def test_local_destination_coalesces_small_stages_and_publishes(tmp_path: Path) 
     for p in srcs:
         assert (tmp_path / "out/d" / p.name).read_bytes() == p.read_bytes()
         assert (tmp_path / "out/d" / f"{p.name}.ok").exists()
+
+
+def test_a_cancelled_hop_skips_what_it_has_not_begun() -> None:
+    """When the loop shuts down (the hop's task is cancelled), the call running finishes
+    on its thread, the rest of the hop is skipped, and every caller is told."""
+    c = Coalescer(max_batch=3, max_parallel=1)
+    ran: list[int] = []
+    started, release = threading.Event(), threading.Event()
+
+    def work(i: int) -> int:
+        if i == 0:
+            started.set()
+            release.wait(5)
+        ran.append(i)
+        return i
+
+    async def go() -> list[int | BaseException]:
+        calls = [asyncio.ensure_future(c.run(work, i)) for i in range(3)]
+        assert await asyncio.to_thread(started.wait, 5)
+        (hop,) = c._tasks
+        hop.cancel()
+        out = await asyncio.gather(*calls, return_exceptions=True)
+        release.set()
+        return out
+
+    out = asyncio.run(go())  # returns once the executor's threads are done
+    assert all(isinstance(x, asyncio.CancelledError) for x in out), out
+    assert ran == [0]
