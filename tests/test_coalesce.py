@@ -73,18 +73,27 @@ def test_an_exception_reaches_its_own_caller_only() -> None:
     assert c.hops == 1
 
 
+class _Gate:
+    """Calls that record their argument; call 0 signals ``started`` and then waits for
+    ``release`` (so a test can act while it runs)."""
+
+    def __init__(self) -> None:
+        self.ran: list[int] = []
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, i: int) -> int:
+        if i == 0:
+            self.started.set()
+            self.release.wait(5)
+        self.ran.append(i)
+        return i
+
+
 def test_a_call_cancelled_before_its_hop_never_runs() -> None:
     """As with to_thread, whose queued work item is dropped when its caller goes."""
     c = Coalescer(max_batch=1, max_parallel=1)
-    ran: list[int] = []
-    started, release = threading.Event(), threading.Event()
-
-    def work(i: int) -> int:
-        if i == 0:
-            started.set()
-            release.wait(5)
-        ran.append(i)
-        return i
+    work = _Gate()
+    ran, started, release = work.ran, work.started, work.release
 
     async def go() -> None:
         first = asyncio.ensure_future(c.run(work, 0))
@@ -152,15 +161,8 @@ def test_a_cancelled_hop_skips_what_it_has_not_begun() -> None:
     """When the loop shuts down (the hop's task is cancelled), the call running finishes
     on its thread, the rest of the hop is skipped, and every caller is told."""
     c = Coalescer(max_batch=3, max_parallel=1)
-    ran: list[int] = []
-    started, release = threading.Event(), threading.Event()
-
-    def work(i: int) -> int:
-        if i == 0:
-            started.set()
-            release.wait(5)
-        ran.append(i)
-        return i
+    work = _Gate()
+    ran, started, release = work.ran, work.started, work.release
 
     async def go() -> list[int | BaseException]:
         calls = [asyncio.ensure_future(c.run(work, i)) for i in range(3)]
