@@ -16,7 +16,6 @@ slows the next run on ext4). Prints a table and JSON; saves nothing.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
@@ -27,18 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from bench_local import _env, _rules, small_files
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def _files(src: Path, count: int) -> None:
-    for i in range(count):
-        data = os.urandom(4096)
-        d = src / f"d{i % 10}"
-        d.mkdir(parents=True, exist_ok=True)
-        (d / f"f{i}.dat").write_bytes(data)
-        (d / f"f{i}.dat.sha256").write_text(hashlib.sha256(data).hexdigest())
 
 
 def _run(code: Path, work: Path, template: Path, then: str, tag: str) -> float:
@@ -51,15 +41,8 @@ def _run(code: Path, work: Path, template: Path, then: str, tag: str) -> float:
         src = template  # only read: every run shares it
     else:
         shutil.copytree(template, src)  # the post-action removes what it delivered
-    (root / "r.yaml").write_text(yaml.safe_dump({
-        "sources": [{"name": "in", "path": str(src)}],
-        "destinations": [{"name": "out", "url": f"file://{out}"}],
-        "routes": [{"name": "r", "source": "in", "to": ["out"], "then": then}],
-    }))
-    env = dict(os.environ, RELAY_RULES=str(root / "r.yaml"),
-               RELAY_JOURNAL=str(root / "j.sqlite3"), RELAY_METRICS_ADDR="",
-               RELAY_LOG_LEVEL="warning")
-    env["PYTHONPATH"] = str(code)  # ahead of any installed relay
+    # PYTHONPATH: the checkout's relay comes ahead of any installed one
+    env = _env(root, _rules(root, src, out, then), PYTHONPATH=str(code))
     os.sync()
     t = time.perf_counter()
     # cwd=root: `-m` puts the working directory first on sys.path, so not this checkout.
@@ -82,7 +65,7 @@ def main() -> int:
                         str(base), a.base], check=True)
         try:
             template = work / "template"
-            _files(template, a.files)
+            small_files(template, a.files)
             times: dict[str, list[float]] = {"base": [], "this": []}
             for i in range(a.pairs):
                 order = ["base", "this"] if i % 2 == 0 else ["this", "base"]

@@ -38,15 +38,25 @@ from results_file import save
 HERE = Path(__file__).resolve().parent
 
 
-def _rules(root: Path, src: Path, out: Path) -> Path:
+def _rules(root: Path, src: Path, out: Path, then: str = "keep") -> Path:
     rules = root / "rules"
     rules.mkdir(exist_ok=True)
     (rules / "r.yaml").write_text(yaml.safe_dump({
         "sources": [{"name": "in", "path": str(src)}],
         "destinations": [{"name": "out", "url": f"file://{out}"}],
-        "routes": [{"name": "r", "source": "in", "to": ["out"]}],
+        "routes": [{"name": "r", "source": "in", "to": ["out"], "then": then}],
     }))
     return rules
+
+
+def small_files(src: Path, count: int) -> None:
+    """``count`` files of 4 KiB with sha256 sidecars in 10 folders under ``src``."""
+    for i in range(count):
+        data = os.urandom(4096)
+        d = src / f"d{i % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i}.dat").write_bytes(data)
+        (d / f"f{i}.dat.sha256").write_text(hashlib.sha256(data).hexdigest())
 
 
 def _env(root: Path, rules: Path, **extra: str) -> dict[str, str]:
@@ -196,12 +206,7 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
     be shared: one run alone says little)."""
     src = work / f"small-{sync}"
     src.mkdir()
-    for i in range(count):
-        data = os.urandom(4096)
-        d = src / f"d{i % 10}"
-        d.mkdir(exist_ok=True)
-        (d / f"f{i}.dat").write_bytes(data)
-        (d / f"f{i}.dat.sha256").write_text(hashlib.sha256(data).hexdigest())
+    small_files(src, count)
     runs: list[float] = []
     cpu: list[float] = []
     outs: list[Path] = []

@@ -60,7 +60,8 @@ class GroupCommit:
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._syncer: asyncio.Task[None] | None = None
         self._dir_synced = False
-        self._joined = _Joined(db)
+        # The open group as a context manager for one statement: nothing around the block.
+        self._joined = contextlib.nullcontext(db)
 
     def commit_all(self) -> None:
         """Commit what is open and, with ``full``, fsync it (at close: no loop needed)."""
@@ -239,17 +240,3 @@ class GroupCommit:
             finally:
                 os.close(fd)
             self._dir_synced = True
-
-
-class _Joined(AbstractContextManager[sqlite3.Connection]):
-    """The open group transaction, as :meth:`GroupCommit.tx` hands it out for a single
-    statement: nothing to begin or end around the block."""
-
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-
-    def __enter__(self) -> sqlite3.Connection:
-        return self.db
-
-    def __exit__(self, *exc: object) -> None:
-        return None
