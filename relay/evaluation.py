@@ -61,8 +61,11 @@ class Evaluation:
 
     # -- hints ---------------------------------------------------------------------------
 
-    def hint(self, source: str, rel: str, kind: str, from_event: bool = True) -> None:
-        """Something happened at ``rel``: look at whatever it speaks for again."""
+    def hint(self, source: str, rel: str, kind: str, from_event: bool = True,
+             marked: dict[str, bool] | None = None) -> None:
+        """Something happened at ``rel``: look at whatever it speaks for again.
+        ``marked``: folders already checked for a directory marker in this turn of the
+        loop (a scan passes one for all its files)."""
         src = self.rules.source(source)
         if kind == "dir":
             self._spawn(self._scan(src, rel))
@@ -79,21 +82,27 @@ class Evaluation:
         if what in ("dirmarker", "manifest"):
             key: Key = (source, "batch", target)
         else:
-            batch_dir = self._batch_dir(src, target)
+            batch_dir = self._batch_dir(src, target, marked)
             key = (source, "batch", batch_dir) if batch_dir is not None else (source, "file",
                                                                               target)
         self.dirty[key] = None
         METRICS.queue_depth.set(len(self.dirty))
         self._wake.set()
 
-    def _batch_dir(self, src: SourceRule, rel: str) -> str | None:
+    def _batch_dir(self, src: SourceRule, rel: str,
+                   marked: dict[str, bool] | None = None) -> str | None:
         marker = src.ready.directory_marker
         if not marker:
             return None
         parts = rel.split("/")[:-1]
         while True:
             d = "/".join(parts)
-            if os.path.lexists(src.path / d / marker if d else src.path / marker):
+            has = marked.get(d) if marked is not None else None
+            if has is None:
+                has = os.path.lexists(src.path / d / marker if d else src.path / marker)
+                if marked is not None:
+                    marked[d] = has
+            if has:
                 return d or "."
             if not parts:
                 return None
@@ -121,8 +130,11 @@ class Evaluation:
         except OSError as exc:
             log.error("source_scan_failed", source=src.name, error=str(exc))
             return
+        # Without an await in between, a folder's marker is looked for once, not once
+        # per file and per ancestor (an lstat on the loop each: 4 per file at start-up).
+        marked: dict[str, bool] = {}
         for rel in rels:
-            self.hint(src.name, rel, "file", from_event=False)
+            self.hint(src.name, rel, "file", from_event=False, marked=marked)
 
     # -- evaluation ----------------------------------------------------------------------
 
