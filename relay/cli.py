@@ -171,14 +171,21 @@ async def _probe(settings: Settings, rules: Rules) -> int:
 def _run(settings: Settings, rules: Rules, once: bool) -> int:
     from relay.daemon import Daemon
     from relay.engine import Engine
+    from relay.file_workers import WORKERS
     from relay.journal import Journal
 
-    journal = Journal(settings.journal, settings.journal_sync)
-    started = time.monotonic()
+    if any(d.scheme == "file" for d in rules.destinations):
+        # Forked first: before the journal, the event loop or any thread exist.
+        WORKERS.start(settings.file_workers)
     try:
-        code = asyncio.run(Daemon(Engine(settings, rules, journal)).run(once=once))
+        journal = Journal(settings.journal, settings.journal_sync)
+        started = time.monotonic()
+        try:
+            code = asyncio.run(Daemon(Engine(settings, rules, journal)).run(once=once))
+        finally:
+            journal.close()
     finally:
-        journal.close()
+        WORKERS.stop()
     get_logger().info("relay_exit", code=code,
                       duration_ms=round((time.monotonic() - started) * 1000, 1))
     return code

@@ -15,31 +15,39 @@ disk the fsyncs need several hops in flight.
 
 Each call keeps the semantics of ``asyncio.to_thread``: it runs exactly once (or not at
 all if its caller was cancelled before its hop started), in the order submitted within a
-hop, and its result or exception goes to its own caller only.
+hop, and its result or exception goes to its own caller only. With ``elsewhere`` a hop may
+run in a helper process instead (relay/file_workers.py); there a cancelled hop's calls
+all run, their results unread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-__all__ = ["Coalescer"]
+__all__ = ["Coalescer", "Elsewhere"]
 
 T = TypeVar("T")
 _Call = tuple[Callable[..., Any], tuple[Any, ...], "asyncio.Future[Any]"]
+# Runs a hop's calls somewhere else (relay.file_workers): their (ok, result-or-exception)
+# in order, or None to have this hop run on a thread as usual.
+Elsewhere = Callable[[list[_Call]],
+                     "Coroutine[Any, Any, list[tuple[bool, Any]]] | None"]
 
 
 class Coalescer:
     """Run blocking callables on worker threads, several per hop. Submit from the event
     loop only (it is not thread-safe); a new loop (tests, the CLI) starts afresh."""
 
-    def __init__(self, max_batch: int = 8, max_parallel: int = 4) -> None:
+    def __init__(self, max_batch: int = 8, max_parallel: int = 4,
+                 elsewhere: Elsewhere | None = None) -> None:
         if max_batch < 1 or max_parallel < 1:
             raise ValueError("max_batch and max_parallel must be at least 1")
         self.max_batch = max_batch
         self.max_parallel = max_parallel
+        self.elsewhere = elsewhere
         self.hops = 0  # thread hops so far (for tests and curiosity)
         self._queue: list[_Call] = []
         self._running = 0
@@ -91,8 +99,9 @@ class Coalescer:
             return out
 
         self.hops += 1
+        away = self.elsewhere(batch) if self.elsewhere is not None else None
         try:
-            results = await asyncio.to_thread(work)
+            results = await (away if away is not None else asyncio.to_thread(work))
         except BaseException as exc:
             # Cancelled (the loop is shutting down), or the executor refused the hop.
             stop.set()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -176,3 +178,33 @@ def test_a_cancelled_hop_skips_what_it_has_not_begun() -> None:
     out = asyncio.run(go())  # returns once the executor's threads are done
     assert all(isinstance(x, asyncio.CancelledError) for x in out), out
     assert ran == [0]
+
+
+def test_a_hop_runs_elsewhere_when_offered_else_on_a_thread() -> None:
+    """``elsewhere`` (relay.file_workers) gets a hop's calls and answers per call, in
+    order; when it declines (None) the hop runs on a thread as usual."""
+    seen: list[list[int]] = []
+    accept = [True]
+
+    def elsewhere(batch: list[Any]) -> Coroutine[Any, Any, list[tuple[bool, Any]]] | None:
+        if not accept[0]:
+            return None
+        args = [a[0] for _, a, _ in batch]
+        seen.append(args)
+
+        async def answer() -> list[tuple[bool, Any]]:
+            return [(False, ValueError(x)) if x == 3 else (True, -x) for x in args]
+        return answer()
+
+    c = Coalescer(max_batch=8, elsewhere=elsewhere)
+
+    async def go() -> list[Any]:
+        return await asyncio.gather(*(c.run(abs, i) for i in range(5)),
+                                    return_exceptions=True)
+
+    got = asyncio.run(go())
+    assert seen == [[0, 1, 2, 3, 4]]
+    assert got[:3] == [0, -1, -2] and got[4] == -4 and isinstance(got[3], ValueError)
+    accept[0] = False
+    assert asyncio.run(go()) == [0, 1, 2, 3, 4]  # abs() itself, on a thread
+    assert seen == [[0, 1, 2, 3, 4]]

@@ -11,9 +11,10 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from relay.coalesce import Coalescer
@@ -26,6 +27,7 @@ from relay.errors import (
     TransferError,
     UnsafePathError,
 )
+from relay.file_workers import WORKERS
 from relay.hashing import CHUNK, HashPipe, MultiHash
 from relay.rules import DestinationRule
 from relay.writeback import Writeback
@@ -67,6 +69,15 @@ def _translate(what: str) -> Iterator[None]:
         raise RetryableError(f"{what}: {reason}") from exc
 
 
+def _no_progress(_: int) -> None:
+    return None
+
+
+def _rebuild(key: str) -> LocalDestination:
+    """In a helper process: the destination of this rule (its JSON)."""
+    return LocalDestination(DestinationRule.model_validate_json(key))
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -82,7 +93,17 @@ class LocalDestination:
         self.name = rule.name
         self.rule = rule
         self.root = file_url_root(rule.url).absolute()
-        self._calls = Coalescer()
+        # Small files' hops run in a helper process when relay started some
+        # (relay/file_workers.py), else on threads; the key rebuilds us there.
+        self._calls = Coalescer(elsewhere=self._elsewhere)
+        self._key = rule.model_dump_json()
+
+    def _elsewhere(self, batch: list[Any]
+                   ) -> Coroutine[Any, Any, list[tuple[bool, Any]]] | None:
+        if not WORKERS.active or any(getattr(fn, "__self__", None) is not self
+                                     for fn, _, _ in batch):
+            return None
+        return WORKERS.run(self._key, _rebuild, [(fn.__name__, args) for fn, args, _ in batch])
 
     async def start(self) -> None:
         with _translate(f"destination root {self.root}"):
@@ -182,8 +203,16 @@ class LocalDestination:
         except OSError:
             small = True  # _stage says what is wrong, in the relay error tree
         if small:
-            return await self._calls.run(self._stage, src, target, algos, acked, progress)
+            # No progress callback on the way (it may not cross to a helper process): a
+            # small copy reports once, when it is done.
+            staged = await self._calls.run(self._stage_small, src, target, algos, acked)
+            progress(staged.size)
+            return staged
         return await asyncio.to_thread(self._stage, src, target, algos, acked, progress)
+
+    def _stage_small(self, src: Path, target: str, algos: tuple[str, ...], acked: int
+                     ) -> Staged:
+        return self._stage(src, target, algos, acked, _no_progress)
 
     def _stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
                progress: Progress) -> Staged:
@@ -357,19 +386,19 @@ class LocalDestination:
         await asyncio.to_thread(self._put_small, target, data)
 
     async def publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
-        def _publish() -> bool:
-            if not self._commit(tmp, target):
-                return False
-            try:
-                for name, data in signals:
-                    # Beside the payload: its folder (and its temporaries') has just
-                    # been checked and exists.
-                    self._put_small(name, data, checked=True)
-            except RetryableError as exc:
-                raise SignalFailed(str(exc)) from exc
-            return True
+        return await self._calls.run(self._publish, target, tmp, signals)
 
-        return await self._calls.run(_publish)
+    def _publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
+        if not self._commit(tmp, target):
+            return False
+        try:
+            for name, data in signals:
+                # Beside the payload: its folder (and its temporaries') has just been
+                # checked and exists.
+                self._put_small(name, data, checked=True)
+        except RetryableError as exc:
+            raise SignalFailed(str(exc)) from exc
+        return True
 
     def _put_small(self, target: str, data: bytes, checked: bool = False) -> None:
         """Write ``target`` via its temporary. ``checked``: its folder and its temporary's

@@ -1,0 +1,141 @@
+"""relay.file_workers: small-file work in helper processes that die with relay."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+from relay.destinations.local import LocalDestination, _rebuild
+from relay.errors import RetryableError, SourceVanished
+from relay.file_workers import FileWorkers, _run_batch
+from relay.rules import DestinationRule
+from tests.helpers import RelayProc, drop, one_route_zone, wait_for
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            out += [int(c) for c in f.read().split()]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    """Running (not gone, not a zombie waiting for a reaper)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _written(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        return int(next(line for line in f if line.startswith("wchar:")).split()[1])
+
+
+def test_helpers_write_the_small_files_and_die_with_relay_on_sigkill(tmp_path: Path) -> None:
+    """A daemon with a local destination forks RELAY_FILE_WORKERS helpers; they, not the
+    relay process, write the small files' bytes; killed with SIGKILL, relay takes them
+    along (PR_SET_PDEATHSIG), so nothing it asked for lands after it is gone."""
+    src, out, rules = one_route_zone(tmp_path)
+    relay = RelayProc(tmp_path, rules, RELAY_FILE_WORKERS="3").start()
+    try:
+        relay.wait_started()
+        assert relay.proc is not None
+        helpers = _children(relay.proc.pid)
+        assert len(helpers) == 3, helpers
+        files = {f"f{i}.bin": os.urandom(4096) for i in range(60)}
+        for name, data in files.items():
+            drop(src, name, data)
+        wait_for(lambda: all((out / f"{n}.sha256").exists() for n in files), 30,
+                 "every file delivered")
+        for name, data in files.items():
+            assert (out / name).read_bytes() == data
+        # payloads and their sidecars went through the helpers' write()s
+        assert sum(_written(p) for p in helpers) >= 60 * 4096
+        relay.kill()
+        wait_for(lambda: not any(_alive(p) for p in helpers), 10, "helpers gone with relay")
+    finally:
+        if relay.proc is not None and relay.proc.poll() is None:
+            relay.stop()
+
+
+def test_no_helpers_with_file_workers_zero(tmp_path: Path) -> None:
+    """RELAY_FILE_WORKERS=0: worker threads, as before; the files arrive the same."""
+    src, out, rules = one_route_zone(tmp_path)
+    relay = RelayProc(tmp_path, rules, RELAY_FILE_WORKERS="0").start()
+    try:
+        relay.wait_started()
+        assert relay.proc is not None
+        drop(src, "a.csv", b"a" * 5000)
+        wait_for(lambda: (out / "a.csv.sha256").exists(), 20, "delivery")
+        assert (out / "a.csv").read_bytes() == b"a" * 5000
+        assert _children(relay.proc.pid) == []
+    finally:
+        relay.stop()
+
+
+class _Unpicklable(Exception):
+    def __init__(self, a: str, b: str) -> None:
+        super().__init__(f"{a}/{b}")
+
+
+class _Owner:
+    def ok(self, x: int) -> int:
+        return x * 2
+
+    def bad(self) -> None:
+        raise SourceVanished("gone")
+
+    def odd(self) -> None:
+        raise _Unpicklable("a", "b")  # pickles, but cannot be rebuilt from its args
+
+
+def test_a_batch_gives_each_call_its_own_result_or_error() -> None:
+    """In order, per call; an exception that could not cross back to relay arrives as a
+    RetryableError that keeps its text."""
+    out = _run_batch("k", lambda _: _Owner(), [("ok", (2,)), ("bad", ()), ("odd", ()),
+                                               ("ok", (5,))])
+    assert out[0] == (True, 4) and out[3] == (True, 10)
+    assert not out[1][0] and isinstance(out[1][1], SourceVanished)
+    assert not out[2][0] and isinstance(out[2][1], RetryableError)
+    assert "_Unpicklable: a/b" in str(out[2][1])
+
+
+def test_a_local_destination_stages_and_publishes_through_a_helper(tmp_path: Path) -> None:
+    """The destination's own calls, run in a forked helper: the bytes and digests are the
+    same as on a thread, errors arrive as the relay errors they are."""
+    out = tmp_path / "out"
+    out.mkdir()
+    data = os.urandom(10_000)
+    (tmp_path / "s.bin").write_bytes(data)
+    rule = DestinationRule(name="o", url=f"file://{out}")
+    dest = LocalDestination(rule)
+    assert isinstance(_rebuild(dest._key), LocalDestination)
+    workers = FileWorkers()
+    workers.start(1)
+    assert workers.active
+    try:
+        async def go() -> None:
+            staged = await workers.run(dest._key, _rebuild, [
+                ("_stage_small", (tmp_path / "s.bin", "s.bin", ("sha256",), 0)),
+                ("_stage_small", (tmp_path / "missing", "m.bin", (), 0))])
+            (ok, st), (ok2, err) = staged
+            assert ok and st.digests["sha256"] == hashlib.sha256(data).hexdigest()
+            assert not ok2 and isinstance(err, SourceVanished)
+            [(ok3, published)] = await workers.run(dest._key, _rebuild, [
+                ("_publish", ("s.bin", st.tmp, [("s.bin.sha256", b"x\n")]))])
+            assert ok3 and published is True
+
+        asyncio.run(go())
+    finally:
+        workers.stop()
+    assert (out / "s.bin").read_bytes() == data
+    assert (out / "s.bin.sha256").read_bytes() == b"x\n"
+    assert sorted(p.name for p in out.iterdir()) == ["s.bin", "s.bin.sha256"]
+
+    workers.start(0)  # a pool that was stopped stays off with 0
+    assert not workers.active
