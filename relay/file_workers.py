@@ -32,11 +32,15 @@ import multiprocessing
 import pickle
 import signal
 from collections.abc import Callable
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from relay.errors import RetryableError
+from relay.logs import get_logger
 
 __all__ = ["WORKERS", "FileWorkers"]
+
+log = get_logger()
 
 _PR_SET_PDEATHSIG = 1
 
@@ -100,13 +104,27 @@ class FileWorkers:
             pool.shutdown(wait=False, cancel_futures=True)
             return
         self._pool, self.count = pool, count
+        log.info("file_workers_started", count=count)
 
     async def run(self, key: Any, build: Callable[[Any], Any],
                   calls: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
         """Run ``calls`` (method name, arguments) on ``build(key)`` in one helper."""
         assert self._pool is not None
-        return await asyncio.get_running_loop().run_in_executor(
-            self._pool, _run_batch, key, build, calls)
+        pool = self._pool
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                pool, _run_batch, key, build, calls)
+        except BrokenProcessPool as exc:
+            # A helper died (OOM killer, a stray kill): what its calls did is unknown, so
+            # they fail as retryable — the retry takes it from what the journal says, as
+            # after a crash. The pool is gone; a new fork would copy a threaded process,
+            # so the rest of this run works on threads.
+            if self._pool is pool:
+                self._pool, self.count = None, 0
+                pool.shutdown(wait=False, cancel_futures=True)
+                log.error("file_workers_lost", error=str(exc) or type(exc).__name__,
+                          fallback="threads")
+            return [(False, RetryableError(f"file helper process died: {exc}"))] * len(calls)
 
     def stop(self) -> None:
         pool, self._pool, self.count = self._pool, None, 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 from relay.destinations.local import LocalDestination, _rebuild
@@ -139,3 +140,33 @@ def test_a_local_destination_stages_and_publishes_through_a_helper(tmp_path: Pat
 
     workers.start(0)  # a pool that was stopped stays off with 0
     assert not workers.active
+
+
+def test_a_helper_killed_under_relay_falls_back_to_threads(tmp_path: Path) -> None:
+    """A helper dies (the OOM killer, a stray kill -9): the hop it would have run fails as
+    retryable, relay logs file_workers_lost and goes on with threads; every file arrives
+    once, intact."""
+    src, out, rules = one_route_zone(tmp_path)
+    relay = RelayProc(tmp_path, rules, RELAY_FILE_WORKERS="2", RELAY_RETRY_BASE="0.1",
+                      RELAY_LOG_LEVEL="info").start()
+    try:
+        relay.wait_started()
+        assert relay.proc is not None
+        helpers = _children(relay.proc.pid)
+        assert len(helpers) == 2
+        drop(src, "before.bin", b"b" * 4096)
+        wait_for(lambda: (out / "before.bin.sha256").exists(), 20, "first delivery")
+        os.kill(helpers[0], signal.SIGKILL)
+        files = {f"after{i}.bin": os.urandom(3000) for i in range(20)}
+        for name, data in files.items():
+            drop(src, name, data)
+        wait_for(lambda: all((out / f"{n}.sha256").exists() for n in files), 30,
+                 "files after the loss")
+        for name, data in files.items():
+            assert (out / name).read_bytes() == data
+        assert relay.logs().count('"file_workers_lost"') == 1
+        assert not any(_alive(p) for p in helpers)
+        assert sorted(p.name for p in out.iterdir()) == sorted(
+            ["before.bin", "before.bin.sha256", *files, *(f"{n}.sha256" for n in files)])
+    finally:
+        assert relay.stop() == 0
