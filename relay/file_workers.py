@@ -6,8 +6,8 @@ back (relay/coalesce.py has the numbers). On a 2-vCPU VM the kernel's side of th
 offs — futex waits and wake-ups, context switches — was about a quarter of all CPU of a
 small-file run (perf). A helper process has a GIL of its own: the loop hands it a hop of up
 to eight calls through a pipe and gets their results back, and no thread of the main
-process competes with the loop meanwhile. 4,000 files of 4 KiB: 689 → 892 files/s (median
-of 3 interleaved runs each).
+process competes with the loop meanwhile. 10,000 files of 4 KiB, interleaved pairs of runs
+(bench/ab_small.py): 784 → 1,000 files/s.
 
 The pool is forked once, before the event loop, the journal and any thread exist (``start``),
 so every child is a copy of a single-threaded process: no lock can be held across the
@@ -15,8 +15,11 @@ fork. A child only runs the backend's own file code (``LocalDestination`` method
 from the destination's rule); it dies with relay: ``PR_SET_PDEATHSIG`` makes the kernel
 kill it when relay exits, even by SIGKILL, so nothing a dead relay asked for can land after
 its successor has started recovery (a call in progress at that moment finishes its current
-syscall, as a thread's would). SIGINT and SIGTERM are ignored in the children: stopping is
-relay's decision, and a terminal's Ctrl-C reaches the whole process group.
+syscall, as a thread's would). SIGINT and SIGHUP are ignored in the children: a terminal's
+Ctrl-C or hang-up reaches the whole process group, and stopping or reloading is relay's
+decision. SIGTERM is not: the pool's own clean-up uses it, and a service manager that
+signals every process of the service (systemd's default) stops the helpers at once — relay
+then drains on threads and the helpers' unfinished calls are retried (``run``).
 
 Large files never come here: one call streams for seconds and needs progress reports; they
 keep a thread of their own.
@@ -49,8 +52,8 @@ def _child_init() -> None:
     # Not on Linux (no prctl): the pool's own clean-up at relay's exit still applies.
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 _OWNERS: dict[Any, Any] = {}  # in a child: the object rebuilt for each key

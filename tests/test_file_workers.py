@@ -165,8 +165,36 @@ def test_a_helper_killed_under_relay_falls_back_to_threads(tmp_path: Path) -> No
         for name, data in files.items():
             assert (out / name).read_bytes() == data
         assert relay.logs().count('"file_workers_lost"') == 1
-        assert not any(_alive(p) for p in helpers)
+        # the other one too: a broken pool is taken down whole (by SIGTERM)
+        wait_for(lambda: not any(_alive(p) for p in helpers), 10, "both helpers gone")
         assert sorted(p.name for p in out.iterdir()) == sorted(
             ["before.bin", "before.bin.sha256", *files, *(f"{n}.sha256" for n in files)])
     finally:
         assert relay.stop() == 0
+
+
+class _Probe:
+    def dispositions(self) -> list[bool]:
+        return [signal.getsignal(s) == signal.SIG_IGN
+                for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)]
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def _probe(_: object) -> _Probe:
+    return _Probe()
+
+
+def test_helpers_ignore_the_signals_meant_for_relay() -> None:
+    """A terminal's Ctrl-C or hang-up reaches the helpers too: they ignore them (relay
+    decides when they stop); SIGTERM still ends them (the pool's own clean-up)."""
+    workers = FileWorkers()
+    workers.start(1)
+    try:
+        [(ok, ignored), (ok2, pid)] = asyncio.run(
+            workers.run("probe", _probe, [("dispositions", ()), ("pid", ())]))
+    finally:
+        workers.stop()
+    assert ok and ignored == [True, True, False]
+    assert ok2 and pid != os.getpid()
