@@ -103,17 +103,21 @@ class FileWorkers:
         try:
             # fork-context pools fork every child at the first submit: do it here, now.
             pool.submit(int).result(timeout=30)
-        except Exception:
+        except Exception as exc:
             pool.shutdown(wait=False, cancel_futures=True)
+            log.warning("file_workers_unavailable", error=str(exc) or type(exc).__name__,
+                        fallback="threads")
             return
         self._pool, self.count = pool, count
         log.info("file_workers_started", count=count)
 
     async def run(self, key: Any, build: Callable[[Any], Any],
                   calls: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
-        """Run ``calls`` (method name, arguments) on ``build(key)`` in one helper."""
-        assert self._pool is not None
+        """Run ``calls`` (method name, arguments) on ``build(key)`` in one helper — or on
+        a thread, when the pool was lost since the caller saw it active."""
         pool = self._pool
+        if pool is None:
+            return await asyncio.to_thread(_run_batch, key, build, calls)
         try:
             return await asyncio.get_running_loop().run_in_executor(
                 pool, _run_batch, key, build, calls)

@@ -198,3 +198,14 @@ def test_helpers_ignore_the_signals_meant_for_relay() -> None:
         workers.stop()
     assert ok and ignored == [True, True, False]
     assert ok2 and pid != os.getpid()
+
+
+def test_a_hop_submitted_after_the_pool_is_gone_runs_on_a_thread() -> None:
+    """A hop handed over just as the pool was lost (or stopped) still runs, in relay's own
+    process, instead of failing."""
+    workers = FileWorkers()
+    workers.start(1)
+    workers.stop()
+    assert not workers.active
+    [(ok, pid)] = asyncio.run(workers.run("probe", _probe, [("pid", ())]))
+    assert ok and pid == os.getpid()
