@@ -65,7 +65,7 @@ ENV PATH="/opt/relay/bin:${PATH}" \
     RELAY_LOG_FORMAT=json \
     RELAY_LOG_LEVEL=info \
     RELAY_METRICS_ADDR=0.0.0.0:9464 \
-    RELAY_CONCURRENCY=32
+    RELAY_CONCURRENCY=48
 
 VOLUME ["/etc/relay/rules", "/var/lib/relay", "/data"]
 

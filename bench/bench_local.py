@@ -215,8 +215,8 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
         out.mkdir()
         root.mkdir()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        # RELAY_CONCURRENCY as shipped (32; it was 4, and this bench used 8, before
-        # 2026-11-30's third session).
+        # RELAY_CONCURRENCY as shipped (48 since 2026-11-30's seventh session; 32 before,
+        # and 4 — this bench then used 8 — before its third).
         secs = _relay_once(root, _rules(root, src, out), RELAY_JOURNAL_SYNC=sync)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         # CPU time of relay per file: unlike files/s, barely moved by a busy machine.

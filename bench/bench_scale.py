@@ -76,7 +76,8 @@ def backlog(work: Path, files: int) -> dict[str, object]:
         (d / f"f{i}.csv.sha256").write_text(f"{line}f{i}.csv\n")
     rules = _rules(work, src, out)
     start = time.time()
-    # RELAY_CONCURRENCY as shipped (32; this bench used 16 before 2026-11-30's third session)
+    # RELAY_CONCURRENCY as shipped (48 since the seventh session of 2026-11-30, 32 before;
+    # this bench used 16 before that day's third session)
     elapsed, rss, log = _run_measured(work, rules)
     delivered = _event_times(log, "file_delivered")
     if len(delivered) != files:

@@ -291,7 +291,7 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024, help="large file size (MiB)")
     ap.add_argument("--small", type=int, default=2000, help="number of 4 KiB files")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, default=32, help="RELAY_CONCURRENCY")
+    ap.add_argument("--concurrency", type=int, default=48, help="RELAY_CONCURRENCY")
     ap.add_argument("--dest-concurrency", type=int, default=16,
                     help="the SFTP destination's concurrency")
     ap.add_argument("--no-save", action="store_true")

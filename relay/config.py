@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     metrics_addr: str = Field(
         "127.0.0.1:9464", description="host:port for /metrics, /healthz, /readyz; '' disables."
     )
-    concurrency: int = Field(32, ge=1, le=256, description="Deliveries in flight at once.")
+    concurrency: int = Field(48, ge=1, le=256, description="Deliveries in flight at once.")
     file_workers: int = Field(
         4, ge=0, le=64, description="Helper processes for small files to local folders "
         "(0: worker threads instead).")

@@ -404,7 +404,7 @@ def test_environment_matches_relay_settings(scenario: str) -> None:
         assert env["RELAY_JOURNAL"] == "/var/lib/relay/journal.sqlite3"
         assert env["RELAY_METRICS_ADDR"] == "0.0.0.0:9464"
         assert env["RELAY_LOG_FORMAT"] == "json"
-        assert env["RELAY_CONCURRENCY"] == "32"
+        assert env["RELAY_CONCURRENCY"] == "48"
         assert c["args"] == ["run"]
         mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
         assert mounts["/etc/relay/rules"]["readOnly"] is True
