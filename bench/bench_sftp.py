@@ -43,6 +43,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from bench_local import _default_concurrency  # noqa: E402
 from results_file import save  # noqa: E402
 
 from tests.sshd_server import Sshd, running_sshd  # noqa: E402
@@ -291,7 +292,8 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024, help="large file size (MiB)")
     ap.add_argument("--small", type=int, default=2000, help="number of 4 KiB files")
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--concurrency", type=int, default=48, help="RELAY_CONCURRENCY")
+    ap.add_argument("--concurrency", type=int, default=_default_concurrency(),
+                    help="RELAY_CONCURRENCY (default: as shipped)")
     ap.add_argument("--dest-concurrency", type=int, default=16,
                     help="the SFTP destination's concurrency")
     ap.add_argument("--no-save", action="store_true")

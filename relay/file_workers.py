@@ -84,7 +84,6 @@ class FileWorkers:
 
     def __init__(self) -> None:
         self._pool: concurrent.futures.ProcessPoolExecutor | None = None
-        self.count = 0
 
     @property
     def active(self) -> bool:
@@ -108,7 +107,7 @@ class FileWorkers:
             log.warning("file_workers_unavailable", error=str(exc) or type(exc).__name__,
                         fallback="threads")
             return
-        self._pool, self.count = pool, count
+        self._pool = pool
         log.info("file_workers_started", count=count)
 
     async def run(self, key: Any, build: Callable[[Any], Any],
@@ -127,14 +126,14 @@ class FileWorkers:
             # after a crash. The pool is gone; a new fork would copy a threaded process,
             # so the rest of this run works on threads.
             if self._pool is pool:
-                self._pool, self.count = None, 0
+                self._pool = None
                 pool.shutdown(wait=False, cancel_futures=True)
                 log.error("file_workers_lost", error=str(exc) or type(exc).__name__,
                           fallback="threads")
             return [(False, RetryableError(f"file helper process died: {exc}"))] * len(calls)
 
     def stop(self) -> None:
-        pool, self._pool, self.count = self._pool, None, 0
+        pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
 

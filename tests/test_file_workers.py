@@ -37,6 +37,16 @@ def _written(pid: int) -> int:
         return int(next(line for line in f if line.startswith("wchar:")).split()[1])
 
 
+def _deliver_all(src: Path, out: Path, files: dict[str, bytes]) -> None:
+    """Drop ``files`` (with sidecars) and wait until each has arrived, intact."""
+    for name, data in files.items():
+        drop(src, name, data)
+    wait_for(lambda: all((out / f"{n}.sha256").exists() for n in files), 30,
+             "every file delivered")
+    for name, data in files.items():
+        assert (out / name).read_bytes() == data
+
+
 def test_helpers_write_the_small_files_and_die_with_relay_on_sigkill(tmp_path: Path) -> None:
     """A daemon with a local destination forks RELAY_FILE_WORKERS helpers; they, not the
     relay process, write the small files' bytes; killed with SIGKILL, relay takes them
@@ -48,13 +58,7 @@ def test_helpers_write_the_small_files_and_die_with_relay_on_sigkill(tmp_path: P
         assert relay.proc is not None
         helpers = _children(relay.proc.pid)
         assert len(helpers) == 3, helpers
-        files = {f"f{i}.bin": os.urandom(4096) for i in range(60)}
-        for name, data in files.items():
-            drop(src, name, data)
-        wait_for(lambda: all((out / f"{n}.sha256").exists() for n in files), 30,
-                 "every file delivered")
-        for name, data in files.items():
-            assert (out / name).read_bytes() == data
+        _deliver_all(src, out, {f"f{i}.bin": os.urandom(4096) for i in range(60)})
         # payloads and their sidecars went through the helpers' write()s
         assert sum(_written(p) for p in helpers) >= 60 * 4096
         relay.kill()
@@ -158,12 +162,7 @@ def test_a_helper_killed_under_relay_falls_back_to_threads(tmp_path: Path) -> No
         wait_for(lambda: (out / "before.bin.sha256").exists(), 20, "first delivery")
         os.kill(helpers[0], signal.SIGKILL)
         files = {f"after{i}.bin": os.urandom(3000) for i in range(20)}
-        for name, data in files.items():
-            drop(src, name, data)
-        wait_for(lambda: all((out / f"{n}.sha256").exists() for n in files), 30,
-                 "files after the loss")
-        for name, data in files.items():
-            assert (out / name).read_bytes() == data
+        _deliver_all(src, out, files)
         assert relay.logs().count('"file_workers_lost"') == 1
         # the other one too: a broken pool is taken down whole (by SIGTERM)
         wait_for(lambda: not any(_alive(p) for p in helpers), 10, "both helpers gone")
