@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import io
 import json
 import sys
@@ -22,7 +23,7 @@ from relay.errors import RelayError, RuleProblem, RulesError
 from relay.logs import configure, get_logger
 from relay.rules import Rules, environment_problems, load_rules, rules_json_schema
 
-__all__ = ["main"]
+__all__ = ["entry", "main"]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -191,5 +192,15 @@ def _run(settings: Settings, rules: Rules, once: bool) -> int:
     return code
 
 
+def entry() -> None:
+    """The process's entry point (the ``relay`` script, ``python -m relay.cli``)."""
+    code = main()
+    # The interpreter's teardown runs the cycle collector over every object the imports and
+    # the command made: ~35 ms, a sixth of an empty `relay run --once`. Frozen objects are
+    # skipped, and the process is about to end anyway.
+    gc.freeze()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
