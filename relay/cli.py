@@ -175,6 +175,10 @@ def _run(settings: Settings, rules: Rules, once: bool) -> int:
     from relay.file_workers import WORKERS
     from relay.journal import Journal
 
+    # What imports and set-up made lives as long as the process: out of the collector's
+    # sight, full collections do not walk it again and again, and the helpers forked below
+    # keep sharing its pages (a collection writes to every object it visits).
+    gc.freeze()
     if any(d.scheme == "file" for d in rules.destinations):
         # Forked first: before the journal, the event loop or any thread exist.
         WORKERS.start(settings.file_workers)
