@@ -65,8 +65,7 @@ class Daemon:
                 if src is None:  # removed by a reload meanwhile
                     return
                 await self.e._scan(src)
-                while (self.e.dirty or self.e._evaluating) and not self.e.stopping.is_set():
-                    await asyncio.sleep(0.05)
+                await self.e.until_idle(jobs_too=False)
         finally:
             self._catching_up.discard(source)
 
@@ -161,8 +160,7 @@ class Daemon:
         evaluator = loop.create_task(self.e._evaluator())
         periodic = loop.create_task(self._periodic()) if not once else None
         if once:
-            while self.e.dirty or self.e.jobs or self.e.queued or self.e._evaluating:
-                await asyncio.sleep(0.02)
+            await self.e.until_idle()
             self.e.stop()
         await self.e.stopping.wait()
         await self._shutdown(evaluator, periodic)

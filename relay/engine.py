@@ -8,6 +8,7 @@ time, each fanning out to its destinations; the post-action runs once all have t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import time
@@ -36,6 +37,7 @@ from relay.watcher import SourceWatcher
 __all__ = ["Engine", "is_ignored"]
 
 log = get_logger()
+_SETTLE_GUARD_S = 1.0  # until_idle re-checks at least this often, whatever it is told
 
 
 class Engine(Evaluation):
@@ -59,6 +61,9 @@ class Engine(Evaluation):
         self.failed = 0
         self.stopping = asyncio.Event()
         self._wake = asyncio.Event()
+        # Set whenever a job ends or an evaluation pass ends: what waits for relay to have
+        # nothing left to do (`run --once`, an overflow catch-up) re-checks then.
+        self.settled = asyncio.Event()
         self._evaluating = False
         self._ready = False
         self._gathered_at = 0.0
@@ -67,6 +72,20 @@ class Engine(Evaluation):
         self._bg: set[asyncio.Task[None]] = set()
         self._last_reason: dict[int, str] = {}
         self._calls = Coalescer()  # the post-actions' file work (relay.coalesce)
+
+    def idle(self, jobs_too: bool = True) -> bool:
+        """Nothing to evaluate (and, with ``jobs_too``, nothing delivering or waiting to)."""
+        if self.dirty or self._evaluating:
+            return False
+        return not (jobs_too and (self.jobs or self.queued))
+
+    async def until_idle(self, jobs_too: bool = True) -> None:
+        """Return once :meth:`idle` (or relay is stopping). Woken by :attr:`settled`; the
+        timeout only guards against a state change that forgot to set it."""
+        while not self.idle(jobs_too) and not self.stopping.is_set():
+            self.settled.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.settled.wait(), _SETTLE_GUARD_S)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a background coroutine, keeping a reference so it is not collected."""
@@ -108,6 +127,7 @@ class Engine(Evaluation):
                 self._launch(next_id)
             METRICS.in_flight.set(len(self.jobs))
             METRICS.jobs_queued.set(len(self.queued))
+            self.settled.set()
 
         task.add_done_callback(_done)
 

@@ -50,6 +50,7 @@ class Evaluation:
     stopping: asyncio.Event
     _wake: asyncio.Event
     _evaluating: bool
+    settled: asyncio.Event
     _gathered_at: float
     _last_reason: dict[int, str]
 
@@ -167,6 +168,7 @@ class Evaluation:
                     log.exception("evaluation_failed", file=key[2], error=str(exc))
                 finally:
                     self._evaluating = False
+                    self.settled.set()
 
     async def evaluate_files(self, keys: list[Key]) -> None:
         """:meth:`evaluate` for single files, their evidence gathered in one worker-thread
