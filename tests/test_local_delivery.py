@@ -5,11 +5,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import RelayProc, drop, run_once, sha256, wait_for, write_rules
+from tests.helpers import (
+    RELAY,
+    RelayProc,
+    drop,
+    relay_env,
+    run_once,
+    sha256,
+    wait_for,
+    write_rules,
+)
 
 
 @pytest.fixture
@@ -237,3 +249,38 @@ def test_post_action_skips_a_source_that_changed_after_delivery(tmp_path: Path) 
     assert _recheck_then_apply(tmp_path, "g.bin", ready, None, ["g.bin", "g.bin.sha256"],
                                f"archive:{tmp_path / 'arch'}") is True
     assert _files(tmp_path) == {"arch/g.bin", "arch/g.bin.sha256"}
+
+
+def test_sigterm_during_once_stops_gracefully_and_the_rest_follows(
+        tmp_path: Path, zone: tuple[Path, Path, Path]) -> None:
+    """`relay run --once` told to stop while files still wait for a slot: it exits (it used
+    to wait for a queue the stopped evaluator would never drain), leaves nothing partial,
+    and the next run delivers the rest — each file once."""
+    src, out, rules = zone
+    files = {f"f{i:04d}.bin": os.urandom(2048) for i in range(1500)}
+    for rel, data in files.items():
+        drop(src, rel, data)
+    log = tmp_path / "once.log"
+    with open(log, "wb") as logf:
+        proc = subprocess.Popen([*RELAY, "run", "--once"], stdout=logf, stderr=subprocess.STDOUT,
+                                env=relay_env(tmp_path, rules, RELAY_CONCURRENCY="2",
+                                              RELAY_FILE_WORKERS="0"))
+        try:
+            wait_for(lambda: log.read_bytes().count(b'"file_done"') >= 20, 60, "deliveries")
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert code == 0, log.read_text()[-2000:]
+    first = {p.name for p in out.iterdir() if not p.name.endswith(".sha256")}
+    assert 20 <= len(first) < len(files)  # stopped part-way
+    for name in first:  # nothing partial: each payload whole, its signal beside it
+        assert (out / name).read_bytes() == files[name]
+        assert (out / f"{name}.sha256").exists()
+    done = run_once(tmp_path, rules)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert done.stdout.count('"file_delivered"') == len(files) - len(first)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*files, *(f"{n}.sha256" for n in files)])
+    assert all((out / n).read_bytes() == d for n, d in files.items())
