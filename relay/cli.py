@@ -174,7 +174,10 @@ def _run(settings: Settings, rules: Rules, once: bool) -> int:
     from relay.engine import Engine
     from relay.file_workers import WORKERS
     from relay.journal import Journal
+    from relay.metrics import unread
 
+    if once or not settings.metrics_addr:
+        unread()  # nothing serves them: not even prometheus-client is imported
     # What imports and set-up made lives as long as the process: out of the collector's
     # sight, full collections do not walk it again and again, and the helpers forked below
     # keep sharing its pages (a collection writes to every object it visits).

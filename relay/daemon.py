@@ -18,7 +18,6 @@ from relay.errors import RulesError, TransferError
 from relay.logs import get_logger
 from relay.metrics import METRICS, serve
 from relay.rules import SourceRule, environment_problems, load_rules
-from relay.watcher import SourceWatcher
 
 __all__ = ["Daemon"]
 
@@ -44,6 +43,8 @@ class Daemon:
 
     def _watch(self, sources: Iterable[SourceRule], loop: asyncio.AbstractEventLoop) -> None:
         """Start one watcher per source (replacing any the engine had)."""
+        from relay.watcher import SourceWatcher  # watchdog: ~9 ms `run --once` does not pay
+
         self.e.watchers = []
         for src in sources:
             w = SourceWatcher(src, loop, self.e.hint, self._overflowed)

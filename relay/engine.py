@@ -15,7 +15,7 @@ import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.breaker import Breaker
 from relay.coalesce import Coalescer
@@ -32,7 +32,9 @@ from relay.paths import render_template, safe_relpath
 from relay.readiness import gather, gather_batch, through_symlink
 from relay.rules import ReadyRule, Route, Rules, SourceRule
 from relay.signal_files import Declared
-from relay.watcher import SourceWatcher
+
+if TYPE_CHECKING:  # watchdog is imported only where watchers start (not in `run --once`)
+    from relay.watcher import SourceWatcher
 
 __all__ = ["Engine", "is_ignored"]
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any
 
 from relay.journal import FileRow, Journal
@@ -22,9 +23,8 @@ from relay.paths import compile_glob
 from relay.readiness import Evidence, classify, gather, gather_batch
 from relay.rules import Route, Rules, SourceRule
 from relay.signal_files import Declared
-from relay.watcher import scan
 
-__all__ = ["Evaluation", "Key", "is_ignored"]
+__all__ = ["Evaluation", "Key", "is_ignored", "scan"]
 
 log = get_logger()
 Key = tuple[str, str, str]  # (source, kind "file"|"batch", rel)
@@ -33,6 +33,20 @@ _EVAL_BATCH = 32  # single files whose evidence one worker-thread hop reads
 
 def is_ignored(src: SourceRule, rel: str) -> bool:
     return any(compile_glob(g).match(rel) for g in src.ignore)
+
+
+def scan(root: Path, recursive: bool = True, below: str = "") -> Iterator[str]:
+    """Every regular file under ``root`` (or ``root/below``), as a relative POSIX path.
+    Symlinks are reported (readiness refuses them) but never followed."""
+    start = root / below if below else root
+    for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
+        dirnames.sort()
+        rel_dir = os.path.relpath(dirpath, root)
+        prefix = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
+        for fn in sorted(filenames):
+            yield prefix + fn
+        if not recursive:
+            break
 
 
 class Evaluation:

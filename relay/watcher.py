@@ -1,7 +1,7 @@
 """Filesystem events → hints. watchdog runs in its own thread; each event is handed to
 the event loop in exactly one place (``loop.call_soon_threadsafe``). Events never decide
 readiness: they only say *which path to look at again*. The start-up scan and periodic
-rescans (:func:`scan`) catch whatever the OS dropped (NFS); an inotify queue overflow is
+rescans (:func:`relay.paths.scan`) catch whatever the OS dropped (NFS); an inotify queue overflow is
 reported to the loop too (``overflow``), so the source is rescanned at once."""
 
 from __future__ import annotations
@@ -10,8 +10,7 @@ import asyncio
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from watchdog.events import (
@@ -32,24 +31,10 @@ from watchdog.observers.polling import PollingObserver
 
 from relay.rules import SourceRule
 
-__all__ = ["Hint", "SourceWatcher", "scan"]
+__all__ = ["Hint", "SourceWatcher"]
 
 # (source name, relative path, what happened: "file" | "closed" | "dir")
 Hint = Callable[[str, str, str], None]
-
-
-def scan(root: Path, recursive: bool = True, below: str = "") -> Iterator[str]:
-    """Every regular file under ``root`` (or ``root/below``), as a relative POSIX path.
-    Symlinks are reported (readiness refuses them) but never followed."""
-    start = root / below if below else root
-    for dirpath, dirnames, filenames in os.walk(start, followlinks=False):
-        dirnames.sort()
-        rel_dir = os.path.relpath(dirpath, root)
-        prefix = "" if rel_dir == "." else rel_dir.replace(os.sep, "/") + "/"
-        for fn in sorted(filenames):
-            yield prefix + fn
-        if not recursive:
-            break
 
 
 class _OverflowListener(logging.Handler):

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import re
 import socket
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
-from tests.helpers import RelayProc, drop, wait_for, write_rules
+import pytest
+
+from relay.metrics import _OnFirstUse
+from tests.helpers import RelayProc, drop, relay_env, wait_for, write_rules
+
+RELAY_PY = [sys.executable]
 
 
 def _free_port() -> int:
@@ -62,3 +69,41 @@ def test_metrics_and_health_while_files_flow(tmp_path: Path) -> None:
         assert _get(base + "/nope")[0] == 404
     finally:
         assert relay.stop() == 0
+
+
+def test_metrics_are_built_on_first_use_and_not_at_all_when_nothing_serves_them(
+        tmp_path: Path) -> None:
+    """The registry appears when first used; after ``unread()`` (a process nothing can
+    scrape) updates are taken and dropped, and prometheus-client is never imported —
+    `relay run --once` imports neither it nor watchdog (~28 ms of start-up)."""
+    used = _OnFirstUse()
+    assert "registry" not in vars(used)
+    used.files_seen.labels("r").inc()
+    used.unread()  # too late: already in use, stays real
+    used.files_seen.labels("r").inc()
+    assert used.registry.get_sample_value("relay_files_seen_total", {"route": "r"}) == 2
+    with pytest.raises(AttributeError):
+        _ = used.no_such_metric
+
+    dropped = _OnFirstUse()
+    dropped.unread()
+    dropped.files_seen.labels("r").inc()
+    dropped.transfer_seconds.labels("d").observe(0.5)
+    dropped.queue_depth.set(3)
+    dropped.in_flight.dec()
+    assert "registry" not in vars(dropped)
+
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    out.mkdir()
+    drop(src, "a.csv", b"x")
+    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{out}"})
+    once = subprocess.run([*RELAY_PY, "-X", "importtime", "-m", "relay.cli", "run", "--once"],
+                          env=relay_env(tmp_path, rules), capture_output=True, text=True,
+                          timeout=60)
+    assert once.returncode == 0, once.stdout[-2000:]
+    assert (out / "a.csv").read_bytes() == b"x"
+    imported = {line.rsplit("|", 1)[1].strip() for line in once.stderr.splitlines()
+                if line.startswith("import time:")}
+    assert "relay.engine" in imported  # the probe works
+    assert not {m for m in imported if m.startswith(("prometheus_client", "watchdog"))}
