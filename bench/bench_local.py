@@ -186,7 +186,18 @@ def large(work: Path, size: int, runs: int) -> dict[str, object]:
         return {f"{r} / {base}": round(of[r] / of[base], 3)
                 for r in ("relay", "relay daemon") for base in ("openssl+cp+sync", "cp+sync")}
 
+    # Ratios within each round. The fast and slow turns alternate from one write to the
+    # next, so in the rotation above "relay" and "openssl+cp+sync" (two places apart) get
+    # the same kind of turn in every round, as do "relay daemon" and "cp+sync"; the
+    # medians of these are the fairest comparisons this disk allows. (Adjacent contenders
+    # get opposite turns: their per-round ratios swing by ~2.5x either way.)
+    pairs = [("relay", "openssl+cp+sync"), ("relay daemon", "cp+sync")]
+    per_round = {f"{r} / {b}": [round(x / y, 3) for x, y in zip(times[r], times[b], strict=True)]
+                 for r, b in pairs}
     return {"size_bytes": size, "runs": runs, "median_s": med,
+            "ratios_per_round_same_turn": per_round,
+            "ratios_per_round_same_turn_median": {
+                k: round(statistics.median(v), 3) for k, v in per_round.items()},
             "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
             "best_s": {k: round(v, 3) for k, v in best.items()},
             "mb_s": {k: round(size / v / 1e6, 1) for k, v in med.items()},
@@ -322,8 +333,11 @@ def main() -> int:
             print(f"{'large ' + str(a.size_mib) + ' MiB: ' + k:<44} {v:>9.3f} s  "
                   f"({lg['mb_s'][k]} MB/s)")
         for k, v in lg["ratios_median"].items():
-            print(f"{'  ' + k + ' (median; best)':<44} {v:>11}x  "
+            print(f"{'  ' + k + ' (median; best)':<50} {v:>6}x  "
                   f"({lg['ratios_best'][k]}x)")
+        for k, v in lg["ratios_per_round_same_turn_median"].items():
+            print(f"{'  ' + k + ' (same turn)':<50} {v:>6}x  "
+                  f"({lg['ratios_per_round_same_turn'][k]})")
     for key in ("small_full", "small_normal"):
         s = result.get(key)
         if isinstance(s, dict):
