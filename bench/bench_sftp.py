@@ -111,6 +111,16 @@ def _span(events: list[dict[str, Any]], first: str, last: str) -> float:
     return (max(te) - min(ts)).total_seconds()
 
 
+def _busy_cpu_s() -> float:
+    """CPU seconds the whole machine has been busy (all processes: relay, sshd, ssh, sftp;
+    from /proc/stat, 10 ms ticks). With the cores known, what a contender costs per file
+    bounds how fast it could go here at all."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -195,10 +205,12 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
     names += [f"SFTP backend alone, {t} (no engine)" for t in RELAYS.values()]
     names += ["sftp -b puts", "sftp -b put tmp + rename", "scp -r"]
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names if "(delivery)" not in n}
     for i in range(runs):
         for name in [n for n in names if "(delivery)" not in n]:
             out = (work if "file://" in name else s.root) / f"small-{i}-{names.index(name)}"
             out.mkdir()
+            busy = _busy_cpu_s()
             if name.endswith("(--once, whole process)"):
                 r = name.split(" (")[0]
                 wall, events = _relay(s, work / f"relay-small-{i}-{r.replace(' ', '-')}", src,
@@ -229,6 +241,7 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
                 batch = work / "small-batch"
                 batch.write_text("\n".join(lines) + "\n")
                 times[name].append(_sftp_batch(s, batch))
+            cpu[name].append(_busy_cpu_s() - busy)
             got = sum(1 for _ in out.rglob("*.dat"))
             assert got == count, (name, got, count)
             shutil.rmtree(out)
@@ -238,7 +251,13 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
             "median_s": {k: round(v, 3) for k, v in med.items()}, "files_per_s": fps,
             "speedup_vs_sftp_puts": {k: round(v / fps["sftp -b puts"], 2)
                                      for k, v in fps.items()},
-            "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
+            "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()},
+            # the whole machine's busy CPU per file (ms) while each contender ran: relay's
+            # include its start-up (~0.2 s of one core per run) and, for the engine-alone
+            # and backend rows, only what that row runs
+            "machine_cpu_ms_per_file": {k: round(1000 * statistics.median(v) / count, 3)
+                                        for k, v in cpu.items()},
+            "cores": os.cpu_count()}
 
 
 async def _backend(s: Sshd, src: Path, out: Path, rels: list[str], conc: int,
@@ -337,10 +356,11 @@ def _table(r: dict[str, Any]) -> None:
         label = f"{r} (delivery) / sftp -b (gcm)"
         print(f"  {label:<50} {'':>9} {'':>8} {ratio:>11}x")
     print(f"\n{'small: ' + str(sm['files']) + ' x 4 KiB + sidecar':<52} {'median':>9} "
-          f"{'files/s':>8} {'vs sftp -b':>12}")
+          f"{'files/s':>8} {'vs sftp -b':>12} {'CPU ms/file':>12}")
     for k, v in sm["median_s"].items():
+        cpu = sm["machine_cpu_ms_per_file"].get(k)
         print(f"  {k:<50} {v:>8.3f}s {sm['files_per_s'][k]:>8} "
-              f"{sm['speedup_vs_sftp_puts'][k]:>11}x")
+              f"{sm['speedup_vs_sftp_puts'][k]:>11}x {'' if cpu is None else cpu:>12}")
 
 
 if __name__ == "__main__":
