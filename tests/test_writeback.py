@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 import relay.destinations.local as local
+import relay.destinations.local_copy as local_copy
 import relay.writeback as writeback
 from relay.rules import DestinationRule
 
@@ -60,8 +61,8 @@ def test_large_local_copies_start_writeback_of_hashed_windows(
         return real(fd, offset, nbytes, flags)
 
     monkeypatch.setattr(writeback, "_sync_file_range", record)
-    monkeypatch.setattr(local, "Writeback", functools.partial(writeback.Writeback,
-                                                              window=MiB))
+    monkeypatch.setattr(local_copy, "Writeback", functools.partial(writeback.Writeback,
+                                                                   window=MiB))
     if not kernel_copy:
         def refuse(*_a: object, **_k: object) -> int:
             raise OSError(errno.EXDEV, "cross-device")

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 
 from relay.coalesce import Coalescer
 from relay.destinations.base import Progress, Staged, temp_name
+from relay.destinations.local_copy import copy_hashed, write_all
 from relay.errors import (
     PermanentError,
     RetryableError,
@@ -28,23 +29,14 @@ from relay.errors import (
     UnsafePathError,
 )
 from relay.file_workers import WORKERS
-from relay.hashing import CHUNK, HashPipe, MultiHash
+from relay.hashing import MultiHash
 from relay.rules import DestinationRule
-from relay.writeback import Writeback
 
 __all__ = ["LocalDestination", "file_url_root"]
 
-_PROGRESS_EVERY = 8 * CHUNK
-_PIPE_FROM = 8 * CHUNK  # below this a helper thread costs more than it saves
-_STEP = 4 * CHUNK  # = HashPipe's buffer size
-_SMALL_BUF = 64 * 1024
 # Sources up to this size are staged in coalesced hops (relay.coalesce): a few ms of work
 # at most, so a batch-mate waits little; larger ones get a thread hop of their own.
 _COALESCE_UP_TO = 256 * 1024
-
-
-class _NoKernelCopy(Exception):
-    """copy_file_range is not available between these two files."""
 
 
 def file_url_root(url: str) -> Path:
@@ -233,7 +225,8 @@ class LocalDestination:
             with _translate(f"writing {tmp}"):
                 fd_dst = self._create(tmp_path, os.O_RDWR)
                 try:
-                    size = self._copy(fd_src, fd_dst, MultiHash(algos), progress)
+                    size = copy_hashed(fd_src, fd_dst, MultiHash(algos), progress,
+                                       self.rule.fsync)
                 finally:
                     os.close(fd_dst)
         except BaseException:
@@ -246,111 +239,6 @@ class LocalDestination:
             os.close(fd_src)
         size_, digests = size
         return Staged(target=target, tmp=tmp, size=size_, digests=digests, fallbacks=fallbacks)
-
-    def _copy(self, fd_src: int, fd_dst: int, mh: MultiHash,
-              progress: Progress) -> tuple[int, dict[str, str]]:
-        size = os.fstat(fd_src).st_size
-        if size >= _PIPE_FROM:
-            try:
-                total, digests = self._copy_in_kernel(fd_src, fd_dst, mh, progress)
-            except _NoKernelCopy:
-                total, digests = self._copy_pipelined(fd_src, fd_dst, mh, progress)
-        else:
-            total, digests = self._copy_simple(fd_src, fd_dst, mh, progress, size)
-        if self.rule.fsync:
-            os.fsync(fd_dst)
-        if os.fstat(fd_dst).st_size != total:
-            raise RetryableError(f"size check failed: wrote {total} bytes, file has "
-                                 f"{os.fstat(fd_dst).st_size}")
-        progress(total)
-        return total, digests
-
-    def _writeback(self, fd: int) -> Writeback | None:
-        """Start writing hashed windows to disk during the copy (the fsync that follows
-        then waits for the tail only); pointless when the route does not fsync."""
-        return Writeback(fd) if self.rule.fsync else None
-
-    @staticmethod
-    def _write_all(fd: int, chunk: memoryview) -> None:
-        written = 0
-        while written < len(chunk):
-            written += os.write(fd, chunk[written:])
-
-    def _copy_in_kernel(self, fd_src: int, fd_dst: int, mh: MultiHash,
-                        progress: Progress) -> tuple[int, dict[str, str]]:
-        """Large files: the kernel copies (copy_file_range, no user-space write), and we
-        hash *what landed in the temporary* — read back from the page cache, one step
-        behind the copy, on another core. The digest therefore describes the destination
-        bytes themselves, which is what the rename publishes."""
-        pipe = HashPipe(mh, after=self._writeback(fd_dst))
-        total, next_report = 0, _PROGRESS_EVERY
-        try:
-            while True:
-                try:
-                    n = os.copy_file_range(fd_src, fd_dst, _STEP)
-                except OSError as exc:
-                    if total == 0 and exc.errno in (errno.EXDEV, errno.ENOSYS, errno.EINVAL,
-                                                    errno.EOPNOTSUPP):
-                        raise _NoKernelCopy from exc
-                    raise
-                if not n:
-                    break
-                buf = pipe.take()
-                got = os.preadv(fd_dst, [memoryview(buf)[:n]], total)
-                if got != n:
-                    raise RetryableError(f"read back {got} of {n} bytes at offset {total}")
-                pipe.give(buf, n)
-                total += n
-                if total >= next_report:
-                    progress(total)
-                    next_report = total + _PROGRESS_EVERY
-        finally:
-            digests = pipe.close()
-        return total, digests
-
-    def _copy_pipelined(self, fd_src: int, fd_dst: int, mh: MultiHash,
-                        progress: Progress) -> tuple[int, dict[str, str]]:
-        """Large files: one read, and the hash overlapped with the write on another core."""
-        pipe = HashPipe(mh, after=self._writeback(fd_dst))
-        total, next_report = 0, _PROGRESS_EVERY
-        try:
-            while True:
-                buf = pipe.take()
-                n = os.readv(fd_src, [buf])
-                if not n:
-                    pipe.give(buf, 0)
-                    break
-                self._write_all(fd_dst, memoryview(buf)[:n])
-                pipe.give(buf, n)
-                total += n
-                if total >= next_report:
-                    progress(total)
-                    next_report = total + _PROGRESS_EVERY
-        finally:
-            digests = pipe.close()
-        return total, digests
-
-    def _copy_simple(self, fd_src: int, fd_dst: int, mh: MultiHash,
-                     progress: Progress, size_hint: int = CHUNK) -> tuple[int, dict[str, str]]:
-        # bytearray(n) zero-fills: 1 MiB per 4 KiB file was ~2.5% of all CPU in a
-        # small-file run (perf). Size the buffer to the file (+1: the second read sees
-        # EOF); a file that grows meanwhile is still read to its end, in more reads.
-        buf = bytearray(min(CHUNK, max(size_hint + 1, _SMALL_BUF)))
-        view = memoryview(buf)
-        total = 0
-        next_report = _PROGRESS_EVERY
-        while True:
-            n = os.readv(fd_src, [buf])
-            if not n:
-                break
-            chunk = view[:n]
-            mh.update(chunk)
-            self._write_all(fd_dst, chunk)
-            total += n
-            if total >= next_report:
-                progress(total)
-                next_report = total + _PROGRESS_EVERY
-        return total, mh.hexdigests()
 
     async def commit(self, staged: Staged) -> None:
         await asyncio.to_thread(self._rename, staged.tmp, staged.target)
@@ -411,7 +299,7 @@ class LocalDestination:
                 self._makedirs(target_path.parent)
             fd = self._create(tmp_path, os.O_WRONLY)
             try:
-                self._write_all(fd, memoryview(data))
+                write_all(fd, memoryview(data))
                 if self.rule.fsync:
                     os.fsync(fd)
             except BaseException:
