@@ -57,6 +57,18 @@ def _writeback(fd: int, fsync: bool) -> Writeback | None:
     return Writeback(fd) if fsync else None
 
 
+class _Every:
+    """Pass a copy's running total to ``progress`` once per _PROGRESS_EVERY bytes."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.next = progress, _PROGRESS_EVERY
+
+    def __call__(self, total: int) -> None:
+        if total >= self.next:
+            self.progress(total)
+            self.next = total + _PROGRESS_EVERY
+
+
 def write_all(fd: int, chunk: memoryview) -> None:
     """os.write until all of ``chunk`` is written (a write may take less)."""
     written = 0
@@ -71,7 +83,7 @@ def _copy_in_kernel(fd_src: int, fd_dst: int, mh: MultiHash, progress: Progress,
     behind the copy, on another core. The digest therefore describes the destination
     bytes themselves, which is what the rename publishes."""
     pipe = HashPipe(mh, after=_writeback(fd_dst, fsync))
-    total, next_report = 0, _PROGRESS_EVERY
+    total, report = 0, _Every(progress)
     try:
         while True:
             try:
@@ -89,9 +101,7 @@ def _copy_in_kernel(fd_src: int, fd_dst: int, mh: MultiHash, progress: Progress,
                 raise RetryableError(f"read back {got} of {n} bytes at offset {total}")
             pipe.give(buf, n)
             total += n
-            if total >= next_report:
-                progress(total)
-                next_report = total + _PROGRESS_EVERY
+            report(total)
     finally:
         digests = pipe.close()
     return total, digests
@@ -101,7 +111,7 @@ def _copy_pipelined(fd_src: int, fd_dst: int, mh: MultiHash, progress: Progress,
                     fsync: bool) -> tuple[int, dict[str, str]]:
     """Large files: one read, and the hash overlapped with the write on another core."""
     pipe = HashPipe(mh, after=_writeback(fd_dst, fsync))
-    total, next_report = 0, _PROGRESS_EVERY
+    total, report = 0, _Every(progress)
     try:
         while True:
             buf = pipe.take()
@@ -112,9 +122,7 @@ def _copy_pipelined(fd_src: int, fd_dst: int, mh: MultiHash, progress: Progress,
             write_all(fd_dst, memoryview(buf)[:n])
             pipe.give(buf, n)
             total += n
-            if total >= next_report:
-                progress(total)
-                next_report = total + _PROGRESS_EVERY
+            report(total)
     finally:
         digests = pipe.close()
     return total, digests
@@ -127,8 +135,7 @@ def _copy_simple(fd_src: int, fd_dst: int, mh: MultiHash, progress: Progress,
     # EOF); a file that grows meanwhile is still read to its end, in more reads.
     buf = bytearray(min(CHUNK, max(size_hint + 1, _SMALL_BUF)))
     view = memoryview(buf)
-    total = 0
-    next_report = _PROGRESS_EVERY
+    total, report = 0, _Every(progress)
     while True:
         n = os.readv(fd_src, [buf])
         if not n:
@@ -137,7 +144,5 @@ def _copy_simple(fd_src: int, fd_dst: int, mh: MultiHash, progress: Progress,
         mh.update(chunk)
         write_all(fd_dst, chunk)
         total += n
-        if total >= next_report:
-            progress(total)
-            next_report = total + _PROGRESS_EVERY
+        report(total)
     return total, mh.hexdigests()
