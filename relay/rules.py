@@ -115,7 +115,7 @@ class DestinationRule(_Strict):
     # SFTP options (ignored by file://).
     transport: Literal["asyncssh", "openssh"] = Field(
         "asyncssh", description="asyncssh: SSH in-process; openssh: OpenSSH's ssh client "
-        "carries the connection (faster; key authentication only).")
+        "carries the connection (faster; needs the ssh client).")
     identity: Path | None = None
     passphrase_secret: str | None = None
     password_secret: str | None = None
@@ -149,12 +149,11 @@ class DestinationRule(_Strict):
     @model_validator(mode="after")
     def _openssh(self) -> DestinationRule:
         if self.transport == "openssh":
-            if self.identity is None:
-                raise ValueError("transport: openssh needs `identity` (a private key file)")
-            if self.password_secret or self.passphrase_secret:
-                raise ValueError("transport: openssh cannot use password_secret or "
-                                 "passphrase_secret (ssh would prompt): use an unencrypted "
-                                 "key, or transport: asyncssh")
+            if self.identity is None and not self.password_secret:
+                raise ValueError("transport: openssh needs `identity` (a private key file) "
+                                 "or `password_secret`")
+            if self.passphrase_secret and self.identity is None:
+                raise ValueError("passphrase_secret unlocks `identity`, which is not set")
         return self
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -218,20 +219,23 @@ def test_missing_identity_and_secret_are_permanent(tmp_path: Path, sshd: Sshd,  
     """A missing identity file or secret is a configuration error, reported as such."""
     exc = start_error(SftpDestination(rule_for(sshd, sftp_dir, identity=tmp_path / "nope")))
     assert isinstance(exc, PermanentError) and "nope" in str(exc)
-    if _current["transport"] == "openssh":
-        return  # secrets are refused when the rule loads (test_sftp_openssh.py)
     exc = start_error(SftpDestination(rule_for(sshd, sftp_dir, passphrase_secret="pp"),
                                        tmp_path))
     assert isinstance(exc, PermanentError) and "'pp'" in str(exc)
 
 
-@once
 def test_passphrase_protected_identity(tmp_path: Path, sshd: Sshd,  # noqa: F811
                                       sftp_dir: Path) -> None:  # noqa: F811
     """An encrypted identity is unlocked with the passphrase from the secrets folder."""
     key = asyncssh.read_private_key(str(sshd.client_key))
-    # PKCS#8: encrypted OpenSSH-format keys need the optional bcrypt package (docs/sftp.md).
-    key.write_private_key(str(tmp_path / "id_enc"), "pkcs8-pem", passphrase="s3cret")
+    if _current["transport"] == "asyncssh":
+        # PKCS#8: encrypted OpenSSH-format keys need the optional bcrypt package (docs/sftp.md)
+        key.write_private_key(str(tmp_path / "id_enc"), "pkcs8-pem", passphrase="s3cret")
+    else:  # ssh reads no PKCS#8 ed25519 key: OpenSSH's own format, encrypted by ssh-keygen
+        key.write_private_key(str(tmp_path / "id_enc"), "openssh")
+        (tmp_path / "id_enc").chmod(0o600)  # ssh ignores a key others may read
+        subprocess.run(["ssh-keygen", "-q", "-p", "-N", "s3cret", "-f", str(tmp_path / "id_enc")],
+                       check=True, stdin=subprocess.DEVNULL, capture_output=True)
     secrets = tmp_path / "secrets"
     secrets.mkdir()
     (secrets / "pp").write_text("s3cret\n")
@@ -241,9 +245,13 @@ def test_passphrase_protected_identity(tmp_path: Path, sshd: Sshd,  # noqa: F811
 
     deliver_and_close(dest, src, "f")
     assert (sftp_dir / "f").read_bytes() == data
+    # A wrong passphrase is a configuration error: retrying cannot fix it.
+    (secrets / "pp").write_text("wrong\n")
+    exc = start_error(SftpDestination(rule_for(sshd, sftp_dir, identity=tmp_path / "id_enc",
+                                               passphrase_secret="pp"), secrets))
+    assert isinstance(exc, PermanentError) and "id_enc" in str(exc), exc
 
 
-@once
 def test_password_login_from_secret(tmp_path: Path, faulty: FaultServer) -> None:
     """Password authentication reads the password from the named secret file."""
     faulty.faults.password = "pw-123"

@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from relay.destinations import sftp_openssh
 from relay.destinations.sftp import SftpDestination
 from relay.destinations.sftp_openssh import OpensshLink, _spawn, ssh_options
 from relay.errors import PermanentError, RetryableError
@@ -57,15 +58,16 @@ def _wait_gone(pids: list[int], seconds: float = 10) -> list[int]:
     return alive
 
 
-def test_rule_refuses_what_ssh_cannot_do(tmp_path: Path) -> None:
-    """No identity, or a password/passphrase secret (ssh would prompt), is a rules error at
-    load time, naming the alternative."""
+def test_rule_needs_a_way_to_log_in(tmp_path: Path) -> None:
+    """Neither identity nor password, or a passphrase without a key to unlock, is a rules
+    error at load time; a password alone is enough."""
     base = {"name": "p", "url": "sftp://u@h/in", "transport": "openssh"}
     with pytest.raises(ValidationError, match="needs `identity`"):
         DestinationRule(**base)  # type: ignore[arg-type]
-    for secret in ("password_secret", "passphrase_secret"):
-        with pytest.raises(ValidationError, match="transport: asyncssh"):
-            DestinationRule(**base, identity=tmp_path / "k", **{secret: "s"})  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="passphrase_secret unlocks `identity`"):
+        DestinationRule(**base, password_secret="pw", passphrase_secret="pp")  # type: ignore[arg-type]
+    assert DestinationRule(**base, password_secret="pw").identity is None  # type: ignore[arg-type]
+    DestinationRule(**base, identity=tmp_path / "k", passphrase_secret="pp")  # type: ignore[arg-type]
 
 
 def test_ssh_is_told_everything_and_reads_nothing_else(tmp_path: Path) -> None:
@@ -83,6 +85,90 @@ def test_ssh_is_told_everything_and_reads_nothing_else(tmp_path: Path) -> None:
                  "Ciphers=^aes128-gcm@openssh.com"):
         assert want in joined, want
     assert opts[opts.index("-i"):opts.index("-i") + 2] == ["-i", str(tmp_path / "k")]
+    assert "PasswordAuthentication=no" in opts and "KbdInteractiveAuthentication=no" in opts
+
+
+def test_secrets_allow_one_prompt_and_stay_off_the_command_line(tmp_path: Path) -> None:
+    """With a secret, ssh may prompt (its askpass answers), once; a password alone turns
+    key authentication off (no default keys); the secrets' names, not values, are in the
+    rule, and nothing of them is in ssh's arguments."""
+    base: dict[str, Any] = {"name": "p", "url": "sftp://u@h:2222/in", "transport": "openssh"}
+    opts = ssh_options(DestinationRule(**base, identity=tmp_path / "k",
+                                       passphrase_secret="pp"), 2222)
+    assert "BatchMode=no" in opts and "NumberOfPasswordPrompts=1" in opts
+    assert "PasswordAuthentication=no" in opts and "-i" in opts
+    opts = ssh_options(DestinationRule(**base, password_secret="pw"), 2222)
+    assert "BatchMode=no" in opts and "PasswordAuthentication=yes" in opts
+    assert "KbdInteractiveAuthentication=yes" in opts
+    assert "-i" not in opts and "PubkeyAuthentication=no" in opts
+
+
+def _encrypted_key(tmp_path: Path, server: Sshd, passphrase: str) -> Path:
+    key = tmp_path / "id_enc"
+    key.write_bytes(server.client_key.read_bytes())
+    key.chmod(0o600)
+    subprocess.run(["ssh-keygen", "-q", "-p", "-N", passphrase, "-f", str(key)], check=True,
+                   stdin=subprocess.DEVNULL, capture_output=True)
+    return key
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [e.split(b"=", 1) for e in f.read().split(b"\0") if b"=" in e]
+    return {k.decode(): v.decode() for k, v in pairs}
+
+
+def test_passphrase_reaches_only_the_master_and_never_argv(
+        tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """An encrypted key is unlocked through the askpass script; the passphrase is in the
+    master's environment only: not in any ssh's arguments, not in the channels' (which
+    never log in), not in the script."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "pp").write_text("s3cret-pp\n")
+    key = _encrypted_key(tmp_path, sshd, "s3cret-pp")
+    dest = SftpDestination(rule(sshd, sftp_dir, identity=key, passphrase_secret="pp",
+                                concurrency=2), secrets)
+
+    async def go() -> None:
+        try:
+            await dest.start()
+            assert dest.pool.session is not None
+            link = dest.pool.session.link
+            assert isinstance(link, OpensshLink)
+            assert _environ(link.master.proc.pid)["RELAY_SSH_PASSPHRASE"] == "s3cret-pp"
+            for p in (link.master, *link.channels):
+                with open(f"/proc/{p.proc.pid}/cmdline", "rb") as f:
+                    assert b"s3cret" not in f.read()
+            for p in link.channels:
+                assert "RELAY_SSH_PASSPHRASE" not in _environ(p.proc.pid)
+            assert "s3cret" not in (Path(link._sockdir) / "askpass").read_text()
+        finally:
+            await dest.close()
+
+    asyncio.run(go())
+
+
+def test_askpass_that_cannot_run_is_a_permanent_error(
+        tmp_path: Path, sshd: Sshd, sftp_dir: Path,  # noqa: F811
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A TMPDIR mounted noexec stops ssh from running the askpass script (EACCES, as with
+    the mode below): a permanent error that says what to change, not a login retry."""
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "pp").write_text("s3cret-pp\n")
+    key = _encrypted_key(tmp_path, sshd, "s3cret-pp")
+    real = sftp_openssh._askpass_env
+
+    def not_executable(sockdir: str, *secret: str | None) -> dict[str, str] | None:
+        env = real(sockdir, *secret)
+        os.chmod(os.path.join(sockdir, "askpass"), 0o600)
+        return env
+
+    monkeypatch.setattr(sftp_openssh, "_askpass_env", not_executable)
+    exc = start_error(SftpDestination(rule(sshd, sftp_dir, identity=key,
+                                           passphrase_secret="pp"), secrets))
+    assert isinstance(exc, PermanentError) and "TMPDIR" in str(exc), exc
 
 
 def test_missing_ssh_client_is_a_permanent_error(tmp_path: Path, sshd: Sshd,  # noqa: F811
@@ -184,6 +270,7 @@ CHILD = """
 import asyncio, sys
 from pathlib import Path
 from typing import Any
+from relay.destinations import sftp_openssh
 from relay.destinations.sftp import SftpDestination
 from relay.logs import configure
 from relay.rules import DestinationRule

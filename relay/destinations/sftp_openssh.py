@@ -11,9 +11,12 @@ asyncssh's transport.
 
 What ``ssh`` is told: no user or system config (``-F /dev/null``), only the rule's identity
 (no agent, no ``~/.ssh/id_*``), only the rule's known_hosts (``StrictHostKeyChecking=yes``),
-no prompts (``BatchMode``), keepalives and timeouts from the rule, AES-GCM first. Errors
-before the SFTP session starts are read from ``ssh``'s stderr: a refused host key is
-permanent, a refused login retryable, like the asyncssh transport.
+keepalives and timeouts from the rule, AES-GCM first. No prompt ever reaches a terminal:
+without secrets ``BatchMode`` forbids them; with a ``passphrase_secret`` or
+``password_secret`` the master's prompts go to a small askpass script (``SSH_ASKPASS``,
+forced), which answers from the master's environment, once. Errors before the SFTP
+session starts are read from ``ssh``'s stderr: a refused host key is permanent, a refused
+login retryable, like the asyncssh transport.
 
 The processes die with relay (``PR_SET_PDEATHSIG``), so a ``kill -9`` of relay leaves no
 SSH connection behind. Relies on asyncssh internals (``SFTPClientHandler``'s constructor and
@@ -94,13 +97,20 @@ def ssh_options(rule: DestinationRule, port: int) -> list[str]:
     known = rule.known_hosts or Path.home() / ".ssh" / "known_hosts"
     # ssh takes whole seconds: round up, so a sub-second interval does not become 0 (off)
     keepalive = math.ceil(rule.keepalive_interval) if rule.keepalive_interval > 0 else 0
+    key = (["-i", str(rule.identity)] if rule.identity is not None
+           else ["-o", "PubkeyAuthentication=no"])
+    password = "yes" if rule.password_secret else "no"
+    # With a secret, prompts are allowed but go to the askpass script (open_openssh), and
+    # only once: a wrong secret fails the login instead of being asked for again.
+    batch = "no" if rule.password_secret or rule.passphrase_secret else "yes"
     return [
         "-F", "/dev/null", "-p", str(port),
-        "-i", str(rule.identity), "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
+        *key, "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
         "-o", f"UserKnownHostsFile={known}", "-o", "GlobalKnownHostsFile=/dev/null",
         "-o", "StrictHostKeyChecking=yes", "-o", "UpdateHostKeys=no", "-o", "CheckHostIP=no",
-        "-o", "BatchMode=yes", "-o", "PasswordAuthentication=no",
-        "-o", "KbdInteractiveAuthentication=no", "-o", "HostbasedAuthentication=no",
+        "-o", f"BatchMode={batch}", "-o", "NumberOfPasswordPrompts=1",
+        "-o", f"PasswordAuthentication={password}",
+        "-o", f"KbdInteractiveAuthentication={password}", "-o", "HostbasedAuthentication=no",
         "-o", f"ConnectTimeout={max(1, math.ceil(rule.connect_timeout))}",
         "-o", f"ServerAliveInterval={keepalive}", "-o", "ServerAliveCountMax=3",
         "-o", f"Ciphers={PREFERRED_CIPHERS}", "-o", "Compression=no",
@@ -147,11 +157,13 @@ class _Proc:
         return [ln for ln in self.lines if not ln.startswith("debug")]
 
 
-async def _spawn(*args: str, stdio: socket.socket | None = None) -> _Proc:
+async def _spawn(*args: str, stdio: socket.socket | None = None,
+                 env: dict[str, str] | None = None) -> _Proc:
     fd = stdio.fileno() if stdio is not None else subprocess.DEVNULL
     try:
         proc = await asyncio.create_subprocess_exec(
-            *args, stdin=fd, stdout=fd, stderr=subprocess.PIPE, preexec_fn=_die_with_parent)
+            *args, stdin=fd, stdout=fd, stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
+            env=env)
     except OSError as exc:  # no processes or memory left, say: try again later
         raise RetryableError(f"cannot start ssh: {exc.strerror or exc}") from exc
     return _Proc(proc)
@@ -288,6 +300,9 @@ def _refusal(what: str, rule: DestinationRule, user: str, p: _Proc, rc: int) -> 
     lines = p.errors()
     text = "\n".join(lines)
     last = lines[-1] if lines else f"ssh exited with {rc}"
+    if "ssh_askpass:" in text:  # e.g. "ssh_askpass: exec(/tmp/...): Permission denied"
+        return PermanentError(f"{what}: ssh could not run relay's askpass script ({last}); "
+                              "TMPDIR must be a folder where files may be executed")
     if "Host key verification failed" in text or "HOST IDENTIFICATION HAS CHANGED" in text:
         return PermanentError(
             f"{what}: host key refused ({last}); the key is unknown or changed — check "
@@ -301,6 +316,12 @@ def _refusal(what: str, rule: DestinationRule, user: str, p: _Proc, rc: int) -> 
     key_line = next((ln for ln in lines if ln.startswith("Load key")), "")
     if key_line and "bad permissions" not in key_line:
         return PermanentError(f"{what}: cannot load identity {rule.identity}: {key_line}")
+    if "Permission denied" in text and rule.passphrase_secret \
+            and any(ln.startswith("debug1: Server accepts key") for ln in p.lines):
+        # The server would take the key, yet the login failed: ssh could not unlock it.
+        return PermanentError(f"{what}: cannot unlock identity {rule.identity} with "
+                              f"passphrase_secret {rule.passphrase_secret!r} (wrong "
+                              "passphrase?)")
     if "Permission denied" in text:
         # ssh names a key it would not use (bad permissions, unreadable) on an earlier line
         return RetryableError(f"{what}: login refused for {user} ({'; '.join(lines[-3:])}); "
@@ -308,22 +329,61 @@ def _refusal(what: str, rule: DestinationRule, user: str, p: _Proc, rc: int) -> 
     return RetryableError(f"{what}: {last}")
 
 
+# ssh runs SSH_ASKPASS with the prompt as $1 and reads the answer's first line. The
+# secrets are in the master's environment (as private as the secret files: only relay's
+# user and root can read /proc/PID/environ), never in this file or on a command line;
+# printf is a shell builtin. A prompt without its secret is refused (exit 1).
+ASKPASS = """#!/bin/sh
+case "$1" in
+  "Enter passphrase"*) [ -n "${RELAY_SSH_PASSPHRASE+set}" ] || exit 1
+                       printf '%s\\n' "$RELAY_SSH_PASSPHRASE" ;;
+  *) [ -n "${RELAY_SSH_PASSWORD+set}" ] || exit 1
+     printf '%s\\n' "$RELAY_SSH_PASSWORD" ;;
+esac
+"""
+
+
+def _askpass_env(sockdir: str, passphrase: str | None,
+                 password: str | None) -> dict[str, str] | None:
+    """The master's environment when a secret answers ssh's prompts (else None: inherit)."""
+    if passphrase is None and password is None:
+        return None
+    script = os.path.join(sockdir, "askpass")
+    try:
+        fd = os.open(script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as f:
+            f.write(ASKPASS)
+    except OSError as exc:  # a full TMPDIR, say
+        raise RetryableError(f"cannot write ssh's askpass script: {exc.strerror or exc}") from exc
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_SSH_")}
+    env.update(SSH_ASKPASS=script, SSH_ASKPASS_REQUIRE="force")  # OpenSSH >= 8.4
+    if passphrase is not None:
+        env["RELAY_SSH_PASSPHRASE"] = passphrase
+    if password is not None:
+        env["RELAY_SSH_PASSWORD"] = password
+    return env
+
+
 async def open_openssh(rule: DestinationRule, user: str, host: str, port: int,
-                       channels: int, stall: float
+                       channels: int, stall: float, passphrase: str | None = None,
+                       password: str | None = None
                        ) -> tuple[OpensshLink, list[asyncssh.SFTPClient]]:
     """Start the master, wait until it has logged in, then open up to ``channels`` SFTP
-    channels over it (at least one, or raise)."""
+    channels over it (at least one, or raise). ``passphrase`` unlocks the identity,
+    ``password`` answers a password login."""
     what = f"connecting to {host}:{port}"
     asyncssh_compatible()
     ssh = ssh_binary()
-    if rule.identity is None:
-        raise PermanentError("transport: openssh needs `identity` (a private key file)")
-    try:
-        with open(rule.identity, "rb"):
-            pass
-    except OSError as exc:
-        raise PermanentError(f"{what}: cannot read identity {rule.identity}: "
-                             f"{exc.strerror}") from exc
+    if rule.identity is None and password is None:
+        raise PermanentError("transport: openssh needs `identity` (a private key file) or "
+                             "`password_secret`")
+    if rule.identity is not None:
+        try:
+            with open(rule.identity, "rb"):
+                pass
+        except OSError as exc:
+            raise PermanentError(f"{what}: cannot read identity {rule.identity}: "
+                                 f"{exc.strerror}") from exc
     opts = ssh_options(rule, port)
     try:
         sockdir = tempfile.mkdtemp(prefix="relay-ssh-")  # short: sun_path holds 108 bytes
@@ -334,7 +394,8 @@ async def open_openssh(rule: DestinationRule, user: str, host: str, port: int,
     sock = os.path.join(sockdir, "c")
     try:
         master = await _spawn(ssh, *opts, "-v", "-M", "-S", sock, "-o", "ControlPersist=no",
-                              "-N", "--", f"{user}@{host}")
+                              "-N", "--", f"{user}@{host}",
+                              env=_askpass_env(sockdir, passphrase, password))
     except BaseException:
         shutil.rmtree(sockdir, ignore_errors=True)
         raise

@@ -84,13 +84,14 @@ class Pool:
     async def _connect(self) -> Session:
         started = time.monotonic()
         link: Link
-        if self.rule.transport == "openssh":
-            link, channels = await open_openssh(self.rule, self.user, self.host, self.port,
-                                                self._channels, self._stall)
+        rule = self.rule
+        passphrase = self._secret(rule.passphrase_secret)
+        password = self._secret(rule.password_secret)
+        if rule.transport == "openssh":
+            link, channels = await open_openssh(rule, self.user, self.host, self.port,
+                                                self._channels, self._stall,
+                                                passphrase, password)
         else:
-            rule = self.rule
-            passphrase = self._secret(rule.passphrase_secret)
-            password = self._secret(rule.password_secret)
             with self.translate(f"connecting to {self.host}:{self.port}", None):
                 link, channels = await open_asyncssh(rule, self.user, self.host, self.port,
                                                      self._channels, self._stall,
