@@ -10,11 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
 import time
 from collections.abc import Coroutine
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from relay.breaker import Breaker
@@ -29,8 +27,9 @@ from relay.journal import Delivery, FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS
 from relay.paths import render_template, safe_relpath
-from relay.readiness import gather, gather_batch, through_symlink
-from relay.rules import ReadyRule, Route, Rules, SourceRule
+from relay.post_action import recheck_then_apply, source_paths
+from relay.readiness import gather_batch
+from relay.rules import Route, Rules, SourceRule
 from relay.signal_files import Declared
 
 if TYPE_CHECKING:  # watchdog is imported only where watchers start (not in `run --once`)
@@ -308,20 +307,12 @@ class Engine(Evaluation):
             # evidence read below only decides whether deleting/archiving is safe).
             self._finish(row, route)
             return
-        if row.kind == "file":
-            paths = [row.rel, *[f"{row.rel}.{a}" for a in src.ready.checksums],
-                     *[row.rel + s for s in src.ready.markers]]
-        else:
-            prefix = "" if row.rel == "." else row.rel + "/"
-            paths = [m.rel for m in members]
-            if src.ready.manifest:
-                paths.append(prefix + src.ready.manifest)
-            paths.append(prefix + str(src.ready.directory_marker))  # the marker goes last
+        paths = source_paths(row.kind, row.rel, src.ready, [m.rel for m in members])
         await self.journal.durable()  # 'delivered' (and history) before the source goes
         try:
             # One coalesced hop per file: re-read the evidence, then delete or archive.
             applied = await self._calls.run(
-                _recheck_then_apply, src.path, row.rel, src.ready,
+                recheck_then_apply, src.path, row.rel, src.ready,
                 row.fingerprint if row.kind == "file" else None, paths, route.then)
         except OSError as exc:
             log.error("post_action_failed", file=row.rel, route=route.name, error=str(exc))
@@ -392,35 +383,3 @@ def _fits_with_signals(target: str, route: Route) -> None:
         if len(name) + len(suffix.encode()) > NAME_MAX:
             raise UnsafePathError(f"{target}{suffix} is longer than {NAME_MAX} bytes, the "
                                   "longest name a filesystem takes")
-
-
-def _recheck_then_apply(root: Path, rel: str, ready: ReadyRule, fingerprint: str | None,
-                        paths: list[str], then: str) -> bool:
-    """Apply ``then`` to ``paths`` unless the file at ``rel`` (with ``fingerprint``; None:
-    a batch, nothing to re-check) changed after it was delivered: False, nothing touched."""
-    if fingerprint is not None:
-        ev = gather(root, rel, ready, False)
-        if ev.fingerprint != fingerprint and ev.verdict != "gone" and (root / rel).exists():
-            return False
-    _apply_then(root, paths, then)
-    return True
-
-
-def _apply_then(root: Path, paths: list[str], then: str) -> None:
-    """keep | delete | archive:DIR — applied to the payload and its signal files."""
-    archive = Path(then.split(":", 1)[1]) if then.startswith("archive:") else None
-    for rel in paths:
-        p = root / rel
-        if through_symlink(root, rel) is not None:
-            raise OSError(f"refusing to touch {rel}: reached through a symlinked folder")
-        if not os.path.lexists(p):
-            continue
-        if archive is None:
-            os.unlink(p)
-            continue
-        dst = archive / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(p, dst)
-        except OSError:
-            shutil.move(str(p), str(dst))  # another filesystem: copy then delete

@@ -230,7 +230,7 @@ def test_post_action_skips_a_source_that_changed_after_delivery(tmp_path: Path) 
     """delete/archive re-reads the evidence first (in its coalesced hop): a payload
     rewritten since it was delivered is left alone, one that is unchanged (or gone) is
     deleted with its signal files."""
-    from relay.engine import _recheck_then_apply
+    from relay.post_action import recheck_then_apply
     from relay.readiness import gather
     from relay.rules import ReadyRule
 
@@ -239,14 +239,14 @@ def test_post_action_skips_a_source_that_changed_after_delivery(tmp_path: Path) 
     paths = ["f.bin", "f.bin.sha256"]
     delivered = gather(tmp_path, "f.bin", ready, False).fingerprint
     (tmp_path / "f.bin").write_bytes(b"second, longer")  # rewritten after delivery
-    assert _recheck_then_apply(tmp_path, "f.bin", ready, delivered, paths, "delete") is False
+    assert recheck_then_apply(tmp_path, "f.bin", ready, delivered, paths, "delete") is False
     assert _files(tmp_path) == {"f.bin", "f.bin.sha256"}
     now = gather(tmp_path, "f.bin", ready, False).fingerprint
-    assert _recheck_then_apply(tmp_path, "f.bin", ready, now, paths, "delete") is True
+    assert recheck_then_apply(tmp_path, "f.bin", ready, now, paths, "delete") is True
     assert _files(tmp_path) == set()
     # A batch (no fingerprint) is not re-checked here: its members were gathered by the job.
     drop(tmp_path, "g.bin", b"g")
-    assert _recheck_then_apply(tmp_path, "g.bin", ready, None, ["g.bin", "g.bin.sha256"],
+    assert recheck_then_apply(tmp_path, "g.bin", ready, None, ["g.bin", "g.bin.sha256"],
                                f"archive:{tmp_path / 'arch'}") is True
     assert _files(tmp_path) == {"arch/g.bin", "arch/g.bin.sha256"}
 
