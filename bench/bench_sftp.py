@@ -121,6 +121,22 @@ def _busy_cpu_s() -> float:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
+def _cpu_split() -> tuple[float, float]:
+    """(client, machine) CPU seconds so far: this process with the children it has reaped
+    (relay with its helpers and ssh processes, or sftp/scp with theirs), and the whole
+    machine's busy time. The difference is the server side: sshd's processes (which the
+    bench cannot time one by one: a session's processes are not all reaped by sshd's
+    master) and the kernel's writeback."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system, _busy_cpu_s()
+
+
+def _cpu_row(split: list[tuple[float, float]], per: float) -> dict[str, float]:
+    """Median client and server (machine - client) CPU of a contender's runs / ``per``."""
+    return {"client": round(statistics.median(c for c, _ in split) / per, 3),
+            "server": round(statistics.median(m - c for c, m in split) / per, 3)}
+
+
 def _digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -147,6 +163,7 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
     names += ["sftp -b", "sftp -b (gcm)", "sftp -b -f (flush)", "scp"]
     times: dict[str, list[float]] = {n: [] for n in names}
     contenders = [n for n in names if not n.startswith("relay") or "--once" in n]
+    split: dict[str, list[tuple[float, float]]] = {n: [] for n in contenders}
     for i in range(runs):
         # Interleaved, so load changes hit every contender alike, in an order rotated each
         # round: the server's disk alternates fast and slow write turns (README), and a
@@ -157,6 +174,7 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
             os.sync()
             out = s.root / f"large-{i}-{contenders.index(name)}"
             out.mkdir()
+            before = _cpu_split()
             if name.startswith("relay"):
                 r = name.split(" (")[0]
                 wall, events = _relay(s, work / f"relay-large-{i}-{contenders.index(name)}",
@@ -176,6 +194,8 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
                 extra = {"sftp -b": (), "sftp -b (gcm)": ("-c", GCM),
                          "sftp -b -f (flush)": ("-f",)}[name]
                 times[name].append(_sftp_batch(s, batch, *extra))
+            after = _cpu_split()
+            split[name].append((after[0] - before[0], after[1] - before[1]))
             assert (out / "big.bin").stat().st_size == size
             shutil.rmtree(out)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -186,6 +206,10 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
             "ratio_relay_delivery_to_sftp_gcm": {
                 r: round(med[f"{r} (delivery)"] / med["sftp -b (gcm)"], 3)
                 for r in LARGE_RELAYS},
+            # CPU seconds per GiB, client side (relay's whole process with its helpers and
+            # ssh, start-up included; or sftp/scp and their ssh) and the rest of the
+            # machine (sshd, the kernel's writeback)
+            "cpu_s_per_gib": {k: _cpu_row(v, size / (1 << 30)) for k, v in split.items()},
             "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
 
 
@@ -206,11 +230,13 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
     names += ["sftp -b puts", "sftp -b put tmp + rename", "scp -r"]
     times: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names if "(delivery)" not in n}
+    split: dict[str, list[tuple[float, float]]] = {n: [] for n in cpu}
     for i in range(runs):
         for name in [n for n in names if "(delivery)" not in n]:
             out = (work if "file://" in name else s.root) / f"small-{i}-{names.index(name)}"
             out.mkdir()
             busy = _busy_cpu_s()
+            before = _cpu_split()
             if name.endswith("(--once, whole process)"):
                 r = name.split(" (")[0]
                 wall, events = _relay(s, work / f"relay-small-{i}-{r.replace(' ', '-')}", src,
@@ -241,7 +267,9 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
                 batch = work / "small-batch"
                 batch.write_text("\n".join(lines) + "\n")
                 times[name].append(_sftp_batch(s, batch))
+            after = _cpu_split()
             cpu[name].append(_busy_cpu_s() - busy)
+            split[name].append((after[0] - before[0], after[1] - before[1]))
             got = sum(1 for _ in out.rglob("*.dat"))
             assert got == count, (name, got, count)
             shutil.rmtree(out)
@@ -257,6 +285,10 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
             # and backend rows, only what that row runs
             "machine_cpu_ms_per_file": {k: round(1000 * statistics.median(v) / count, 3)
                                         for k, v in cpu.items()},
+            # the same split by side: client (relay with its helpers and ssh, or sftp/scp
+            # and their ssh; the backend row runs in this process) and the rest (sshd,
+            # the kernel's writeback)
+            "cpu_ms_per_file": {k: _cpu_row(v, count / 1000) for k, v in split.items()},
             "cores": os.cpu_count()}
 
 
@@ -349,18 +381,24 @@ def _table(r: dict[str, Any]) -> None:
     print(f"relay: {r['relay_settings']}")
     mib = lg["size_bytes"] >> 20
     print(f"\n{'large: ' + str(mib) + ' MiB + sidecar':<52} {'median':>9} {'MB/s':>8} "
-          f"{'time / sftp':>12}")
+          f"{'time / sftp':>12} {'CPU s/GiB client+rest':>22}")
     for k, v in lg["median_s"].items():
-        print(f"  {k:<50} {v:>8.3f}s {lg['mb_s'][k]:>8} {lg['ratio_to_sftp'][k]:>11}x")
+        c = lg["cpu_s_per_gib"].get(k)
+        side = f"{c['client']:.2f} + {c['server']:.2f}" if c else ""
+        print(f"  {k:<50} {v:>8.3f}s {lg['mb_s'][k]:>8} {lg['ratio_to_sftp'][k]:>11}x "
+              f"{side:>22}")
     for r, ratio in lg["ratio_relay_delivery_to_sftp_gcm"].items():
         label = f"{r} (delivery) / sftp -b (gcm)"
         print(f"  {label:<50} {'':>9} {'':>8} {ratio:>11}x")
     print(f"\n{'small: ' + str(sm['files']) + ' x 4 KiB + sidecar':<52} {'median':>9} "
-          f"{'files/s':>8} {'vs sftp -b':>12} {'CPU ms/file':>12}")
+          f"{'files/s':>8} {'vs sftp -b':>12} {'CPU ms/file':>12} {'client+rest':>14}")
     for k, v in sm["median_s"].items():
         cpu = sm["machine_cpu_ms_per_file"].get(k)
+        c = sm["cpu_ms_per_file"].get(k)
+        side = f"{c['client']:.2f} + {c['server']:.2f}" if c else ""
         print(f"  {k:<50} {v:>8.3f}s {sm['files_per_s'][k]:>8} "
-              f"{sm['speedup_vs_sftp_puts'][k]:>11}x {'' if cpu is None else cpu:>12}")
+              f"{sm['speedup_vs_sftp_puts'][k]:>11}x {'' if cpu is None else cpu:>12} "
+              f"{side:>14}")
 
 
 if __name__ == "__main__":
