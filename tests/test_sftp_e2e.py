@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -180,3 +181,39 @@ def test_bench_sftp_quick_runs_and_reports() -> None:
     assert set(data["large"]["mb_s"]) >= {"relay (delivery)", "sftp -b", "scp"}
     assert data["large"]["ratio_to_sftp"]["sftp -b"] == 1.0
     assert data["small"]["files"] == 30 and data["small"]["files_per_s"]["relay (delivery)"] > 0
+
+
+@pytest.mark.parametrize("transport", ["asyncssh", "openssh"])
+def test_ctrl_c_in_a_terminal_drains_the_transfer(tmp_path: Path, sshd: Sshd,  # noqa: F811
+                                                  sftp_dir: Path,  # noqa: F811
+                                                  transport: str) -> None:
+    """A terminal's Ctrl-C reaches relay's whole process group. relay drains on SIGINT;
+    neither its helpers nor (transport: openssh) its ssh processes may die under the
+    transfer it is draining: the file in flight is delivered by this run, relay exits 0."""
+    data = os.urandom(3 * 1024 * 1024)
+    with TcpProxy(sshd.host, sshd.port, rate=1.5e6) as proxy:  # ~2 s for the file
+        kh = tmp_path / "kh"
+        kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
+        src, rules = sftp_rules(tmp_path, sshd.url(sftp_dir).replace(
+            f":{sshd.port}/", f":{proxy.port}/"), sshd.client_key, kh, transport=transport)
+        log = open(tmp_path / "relay.log", "wb")  # noqa: SIM115 - closed below
+        # its own process group, as a shell gives a foreground job: the group is signalled
+        proc = subprocess.Popen([*RELAY, "run"], env=relay_env(tmp_path, rules), stdout=log,
+                                stderr=subprocess.STDOUT, process_group=0)
+        try:
+            drop(src, "big.bin", data)
+            tmp = sftp_dir / ".big.bin.tmp"
+            wait_for(lambda: tmp.exists() and tmp.stat().st_size > 256 * 1024, 20,
+                     "the upload under way")
+            os.killpg(proc.pid, signal.SIGINT)
+            code = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            log.close()
+    logs = (tmp_path / "relay.log").read_text()
+    assert code == 0, logs[-3000:]
+    assert (sftp_dir / "big.bin").read_bytes() == data, logs[-3000:]
+    assert (sftp_dir / "big.bin.sha256").exists()
+    assert "delivery_retry_scheduled" not in logs

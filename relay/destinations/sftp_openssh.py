@@ -19,8 +19,10 @@ session starts are read from ``ssh``'s stderr: a refused host key is permanent, 
 login retryable, like the asyncssh transport.
 
 The processes die with relay (``PR_SET_PDEATHSIG``), so a ``kill -9`` of relay leaves no
-SSH connection behind. Relies on asyncssh internals (``SFTPClientHandler``'s constructor and
-its reader/writer calls); the test suite runs the SFTP backend tests on both transports.
+SSH connection behind; they run in a session of their own, so the signals a terminal sends
+relay's process group (Ctrl-C, on which relay drains over them) do not reach them.
+Relies on asyncssh internals (``SFTPClientHandler``'s constructor and its reader/writer
+calls); the test suite runs the SFTP backend tests on both transports.
 """
 
 from __future__ import annotations
@@ -161,9 +163,13 @@ async def _spawn(*args: str, stdio: socket.socket | None = None,
                  env: dict[str, str] | None = None) -> _Proc:
     fd = stdio.fileno() if stdio is not None else subprocess.DEVNULL
     try:
+        # A session of its own: a terminal's Ctrl-C or hang-up goes to relay's whole
+        # process group, and relay drains on it, over these very processes (it ends them
+        # when it closes; PR_SET_PDEATHSIG if it dies). No controlling terminal either, so
+        # ssh can never prompt on one.
         proc = await asyncio.create_subprocess_exec(
             *args, stdin=fd, stdout=fd, stderr=subprocess.PIPE, preexec_fn=_die_with_parent,
-            env=env)
+            start_new_session=True, env=env)
     except OSError as exc:  # no processes or memory left, say: try again later
         raise RetryableError(f"cannot start ssh: {exc.strerror or exc}") from exc
     return _Proc(proc)
