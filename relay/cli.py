@@ -21,7 +21,13 @@ from relay import __version__
 from relay.config import Settings, load_settings
 from relay.errors import RelayError, RuleProblem, RulesError
 from relay.logs import configure, get_logger
-from relay.rules import Rules, environment_problems, load_rules, rules_json_schema
+from relay.rules import (
+    Rules,
+    environment_problems,
+    load_rules,
+    login_file_problems,
+    rules_json_schema,
+)
 
 __all__ = ["entry", "main"]
 
@@ -131,6 +137,10 @@ def _print_problems(problems: list[RuleProblem]) -> None:
 def _check(settings: Settings, probe: bool) -> int:
     rules = _load_or_report(settings)
     if rules is None:
+        return 1
+    problems = login_file_problems(rules, settings.secrets_dir)
+    if problems:
+        _print_problems(problems)
         return 1
     wants_ssh = [d.name for d in rules.destinations
                  if d.scheme == "sftp" and d.transport == "openssh"]

@@ -6,6 +6,7 @@ Every problem is reported with its file, line and field (``RulesError.problems``
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -388,4 +389,47 @@ def environment_problems(rules: Rules) -> list[RuleProblem]:
                 out.append(RuleProblem("(rules)", None, f"destinations[{d.name}].url",
                                        f"{root} is inside source {s.name} ({src}): "
                                        "relay would forward its own output"))
+    return out
+
+
+def login_file_problems(rules: Rules, secrets_dir: Path | None) -> list[RuleProblem]:
+    """What `relay check` can tell about an SFTP destination's login without connecting:
+    its identity, known_hosts and named secrets must be readable, and with ``transport:
+    openssh`` the identity must not be readable by others (``ssh`` ignores such a key, and
+    the login is then refused, e.g. a Kubernetes Secret mounted with its default 0644)."""
+    out: list[RuleProblem] = []
+
+    def problem(d: DestinationRule, field: str, message: str) -> None:
+        out.append(RuleProblem("(rules)", None, f"destinations[{d.name}].{field}", message))
+
+    def unreadable(path: Path) -> str | None:
+        try:
+            with open(path, "rb"):
+                return None
+        except OSError as exc:
+            return f"cannot read {path}: {exc.strerror}"
+
+    for d in rules.destinations:
+        if d.scheme != "sftp":
+            continue
+        if d.identity is not None:
+            if (why := unreadable(d.identity)) is not None:
+                problem(d, "identity", why)
+            elif d.transport == "openssh":
+                st = d.identity.stat()
+                if st.st_uid == os.getuid() and st.st_mode & 0o077:
+                    problem(d, "identity", f"{d.identity} has mode {st.st_mode & 0o777:04o}; "
+                            "ssh ignores a private key others may read (chmod 600; "
+                            "Kubernetes: the Secret volume's defaultMode 0400)")
+        known = d.known_hosts or Path.home() / ".ssh" / "known_hosts"
+        if (why := unreadable(known)) is not None:
+            problem(d, "known_hosts", f"{why}: every host key would be refused")
+        for field in ("passphrase_secret", "password_secret"):
+            name = getattr(d, field)
+            if name is None:
+                continue
+            if secrets_dir is None:
+                problem(d, field, f"secret {name!r} named but RELAY_SECRETS_DIR is not set")
+            elif (why := unreadable(secrets_dir / name)) is not None:
+                problem(d, field, f"secret {name!r}: {why}")
     return out

@@ -519,10 +519,14 @@ def test_relay_check_says_when_ssh_is_missing(tmp_path: Path) -> None:
     from tests.helpers import RELAY, relay_env, write_rules
 
     (tmp_path / "in").mkdir()
+    key, kh = tmp_path / "k", tmp_path / "kh"
+    key.write_text("a key\n")
+    key.chmod(0o600)
+    kh.write_text("")
     rules = write_rules(tmp_path / "rules", source=tmp_path / "in",
                         dests={"partner": "sftp://u@h.example/in"},
-                        extra_dest={"partner": {"transport": "openssh",
-                                                "identity": str(tmp_path / "k")}})
+                        extra_dest={"partner": {"transport": "openssh", "identity": str(key),
+                                                "known_hosts": str(kh)}})
     empty = tmp_path / "bin"
     empty.mkdir()
     res = subprocess.run([*RELAY, "check"], env=relay_env(tmp_path, rules, PATH=str(empty)),
@@ -531,6 +535,12 @@ def test_relay_check_says_when_ssh_is_missing(tmp_path: Path) -> None:
     ok = subprocess.run([*RELAY, "check"], env=relay_env(tmp_path, rules),
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and ok.stdout.startswith("ok: "), ok.stdout + ok.stderr
+    # a key others may read: ssh would ignore it, and every login would be refused
+    key.chmod(0o644)
+    res = subprocess.run([*RELAY, "check"], env=relay_env(tmp_path, rules),
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 1 and "destinations[partner].identity" in res.stderr
+    assert "0644" in res.stderr and "chmod 600" in res.stderr, res.stderr
 
 
 def test_an_asyncssh_with_other_internals_is_refused_clearly(
