@@ -136,7 +136,10 @@ def test_passphrase_reaches_only_the_master_and_never_argv(
             assert dest.pool.session is not None
             link = dest.pool.session.link
             assert isinstance(link, OpensshLink)
-            assert _environ(link.master.proc.pid)["RELAY_SSH_PASSPHRASE"] == "s3cret-pp"
+            env = _environ(link.master.proc.pid)
+            assert env["RELAY_SSH_PASSPHRASE"] == "s3cret-pp"
+            assert env["SSH_ASKPASS_REQUIRE"] == "force" and "DISPLAY" in env
+            assert os.getsid(link.master.proc.pid) == link.master.proc.pid  # no terminal
             for p in (link.master, *link.channels):
                 with open(f"/proc/{p.proc.pid}/cmdline", "rb") as f:
                     assert b"s3cret" not in f.read()

@@ -363,6 +363,10 @@ def _askpass_env(sockdir: str, passphrase: str | None,
         raise RetryableError(f"cannot write ssh's askpass script: {exc.strerror or exc}") from exc
     env = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_SSH_")}
     env.update(SSH_ASKPASS=script, SSH_ASKPASS_REQUIRE="force")  # OpenSSH >= 8.4
+    # Older ssh ignores SSH_ASKPASS_REQUIRE and asks askpass only without a terminal (the
+    # master has none: a session of its own) and with DISPLAY set. Nothing else reads it:
+    # X11 forwarding is off.
+    env.setdefault("DISPLAY", ":0")
     if passphrase is not None:
         env["RELAY_SSH_PASSPHRASE"] = passphrase
     if password is not None:
