@@ -6,7 +6,8 @@ tests/sshd_server.py) and measures, for the same files:
 - one large file with its sha256 sidecar: relay (`relay run --once`: the whole process,
   and the delivery alone from its log: file_ready → file_delivered, which is what a running
   daemon spends), `sftp -b` with default settings, `sftp -b -c aes128-gcm@openssh.com` (the
-  cipher relay prefers), `sftp -b -f` (flush, as relay's fsync does) and `scp`; MB/s and
+  cipher relay prefers), `sftp -b -f` (flush, as relay's fsync does; also with AES-GCM)
+  and `scp`; MB/s and
   time ratio to `sftp` (< 1 means relay is faster);
 - N small 4 KiB files, each with a sidecar: relay vs one `sftp -b` batch of the same puts,
   vs the same batch done atomically (put to a temporary, rename), vs `scp -r`; files/s.
@@ -160,7 +161,7 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
     sidecar.write_text(f"{digest}  big.bin\n")
     names = [f"{r} ({what})" for r in LARGE_RELAYS
              for what in ("delivery", "verify + delivery", "--once, whole process")]
-    names += ["sftp -b", "sftp -b (gcm)", "sftp -b -f (flush)", "scp"]
+    names += ["sftp -b", "sftp -b (gcm)", "sftp -b -f (flush)", "sftp -b -f (flush, gcm)", "scp"]
     times: dict[str, list[float]] = {n: [] for n in names}
     contenders = [n for n in names if not n.startswith("relay") or "--once" in n]
     split: dict[str, list[tuple[float, float]]] = {n: [] for n in contenders}
@@ -192,7 +193,8 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
                 batch = work / "batch"
                 batch.write_text(f"put {payload} {out}/big.bin\nput {sidecar} {out}/\n")
                 extra = {"sftp -b": (), "sftp -b (gcm)": ("-c", GCM),
-                         "sftp -b -f (flush)": ("-f",)}[name]
+                         "sftp -b -f (flush)": ("-f",),
+                         "sftp -b -f (flush, gcm)": ("-f", "-c", GCM)}[name]
                 times[name].append(_sftp_batch(s, batch, *extra))
             after = _cpu_split()
             split[name].append((after[0] - before[0], after[1] - before[1]))
@@ -206,6 +208,11 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
             "ratio_relay_delivery_to_sftp_gcm": {
                 r: round(med[f"{r} (delivery)"] / med["sftp -b (gcm)"], 3)
                 for r in LARGE_RELAYS},
+            # like for like: the same cipher, and a flush on both sides (or on neither)
+            "ratio_relay_delivery_to_sftp_same_cipher_and_flush": {
+                r: round(med[f"{r} (delivery)"] / med["sftp -b -f (flush, gcm)" if flush
+                                                       else "sftp -b (gcm)"], 3)
+                for r, (_, flush) in LARGE_RELAYS.items()},
             # CPU seconds per GiB, client side (relay's whole process with its helpers and
             # ssh, start-up included; or sftp/scp and their ssh) and the rest of the
             # machine (sshd, the kernel's writeback)
@@ -389,6 +396,9 @@ def _table(r: dict[str, Any]) -> None:
               f"{side:>22}")
     for r, ratio in lg["ratio_relay_delivery_to_sftp_gcm"].items():
         label = f"{r} (delivery) / sftp -b (gcm)"
+        print(f"  {label:<50} {'':>9} {'':>8} {ratio:>11}x")
+    for r, ratio in lg["ratio_relay_delivery_to_sftp_same_cipher_and_flush"].items():
+        label = f"{r} / sftp, same cipher and flush"
         print(f"  {label:<50} {'':>9} {'':>8} {ratio:>11}x")
     print(f"\n{'small: ' + str(sm['files']) + ' x 4 KiB + sidecar':<52} {'median':>9} "
           f"{'files/s':>8} {'vs sftp -b':>12} {'CPU ms/file':>12} {'client+rest':>14}")
