@@ -7,8 +7,7 @@ tests/sshd_server.py) and measures, for the same files:
   and the delivery alone from its log: file_ready → file_delivered, which is what a running
   daemon spends), `sftp -b` with default settings, `sftp -b -c aes128-gcm@openssh.com` (the
   cipher relay prefers), `sftp -b -f` (flush, as relay's fsync does; also with AES-GCM)
-  and `scp`; MB/s and
-  time ratio to `sftp` (< 1 means relay is faster);
+  and `scp`; MB/s and time ratio to `sftp` (< 1 means relay is faster);
 - N small 4 KiB files, each with a sidecar: relay vs one `sftp -b` batch of the same puts,
   vs the same batch done atomically (put to a temporary, rename), vs `scp -r`; files/s.
   Two more rows locate relay's limit: the same engine delivering to a local folder, and
