@@ -78,9 +78,10 @@ def _sftp_batch(s: Sshd, batch: Path, *extra: str) -> float:
 def _relay(s: Sshd, root: Path, src: Path, out: Path, concurrency: int,
            dest_concurrency: int, sync: str = "full", local: bool = False,
            transport: str = "asyncssh", fsync: bool = True
-           ) -> tuple[float, list[dict[str, Any]]]:
+           ) -> tuple[float, list[dict[str, Any]], int]:
     """`relay run --once` to the sshd (or, ``local``, to a plain folder): (wall seconds,
-    log events)."""
+    log events, peak RSS in bytes: the kernel's figure for the finished process, the
+    largest of relay and the helpers and ssh processes it reaped)."""
     rules = root / "rules"
     rules.mkdir(parents=True, exist_ok=True)
     dest = ({"name": "sshd", "url": f"file://{out}"} if local else
@@ -97,11 +98,17 @@ def _relay(s: Sshd, root: Path, src: Path, out: Path, concurrency: int,
                RELAY_CONCURRENCY=str(concurrency), RELAY_JOURNAL_SYNC=sync)
     log = root / "relay.log"
     with open(log, "wb") as logf:  # a file, not a pipe: an unread pipe would stall relay
-        secs = _timed([sys.executable, "-m", "relay.cli", "run", "--once"], env=env,
-                      stdout=logf)
+        t = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "relay.cli", "run", "--once"],
+                                env=env, stdout=logf)
+        _, status, usage = os.wait4(proc.pid, 0)
+        secs = time.perf_counter() - t
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"relay exited {proc.returncode}; see {log}")
     events = [json.loads(line) for line in log.read_text().splitlines()
               if line.startswith("{")]
-    return secs, events
+    return secs, events, usage.ru_maxrss * 1024
 
 
 def _span(events: list[dict[str, Any]], first: str, last: str) -> float:
@@ -164,6 +171,7 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
     times: dict[str, list[float]] = {n: [] for n in names}
     contenders = [n for n in names if not n.startswith("relay") or "--once" in n]
     split: dict[str, list[tuple[float, float]]] = {n: [] for n in contenders}
+    peak: dict[str, int] = {}  # relay's peak RSS over the rounds
     for i in range(runs):
         # Interleaved, so load changes hit every contender alike, in an order rotated each
         # round: the server's disk alternates fast and slow write turns (README), and a
@@ -177,10 +185,11 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
             before = _cpu_split()
             if name.startswith("relay"):
                 r = name.split(" (")[0]
-                wall, events = _relay(s, work / f"relay-large-{i}-{contenders.index(name)}",
-                                      src, out, conc, dest_conc,
-                                      transport=LARGE_RELAYS[r][0], fsync=LARGE_RELAYS[r][1])
+                wall, events, rss = _relay(
+                    s, work / f"relay-large-{i}-{contenders.index(name)}", src, out, conc,
+                    dest_conc, transport=LARGE_RELAYS[r][0], fsync=LARGE_RELAYS[r][1])
                 times[name].append(wall)
+                peak[r] = max(peak.get(r, 0), rss)
                 times[f"{r} (delivery)"].append(_span(events, "file_ready", "file_delivered"))
                 times[f"{r} (verify + delivery)"].append(
                     _span(events, "file_seen", "file_delivered"))
@@ -216,6 +225,7 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
             # ssh, start-up included; or sftp/scp and their ssh) and the rest of the
             # machine (sshd, the kernel's writeback)
             "cpu_s_per_gib": {k: _cpu_row(v, size / (1 << 30)) for k, v in split.items()},
+            "relay_peak_rss_mib": {k: round(v / 2**20, 1) for k, v in peak.items()},
             "all_s": {k: [round(x, 3) for x in v] for k, v in times.items()}}
 
 
@@ -237,6 +247,7 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
     times: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names if "(delivery)" not in n}
     split: dict[str, list[tuple[float, float]]] = {n: [] for n in cpu}
+    peak: dict[str, int] = {}
     for i in range(runs):
         for name in [n for n in names if "(delivery)" not in n]:
             out = (work if "file://" in name else s.root) / f"small-{i}-{names.index(name)}"
@@ -245,13 +256,15 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
             before = _cpu_split()
             if name.endswith("(--once, whole process)"):
                 r = name.split(" (")[0]
-                wall, events = _relay(s, work / f"relay-small-{i}-{r.replace(' ', '-')}", src,
-                                      out, conc, dest_conc, transport=RELAYS[r])
+                wall, events, rss = _relay(
+                    s, work / f"relay-small-{i}-{r.replace(' ', '-')}", src, out, conc,
+                    dest_conc, transport=RELAYS[r])
                 times[name].append(wall)
+                peak[r] = max(peak.get(r, 0), rss)
                 times[f"{r} (delivery)"].append(_span(events, "file_ready", "file_delivered"))
             elif name.startswith("relay to file"):
-                _, events = _relay(s, work / f"relay-local-{i}", src, out, conc, dest_conc,
-                                   local=True)
+                _, events, _rss = _relay(s, work / f"relay-local-{i}", src, out, conc,
+                                         dest_conc, local=True)
                 times[name].append(_span(events, "file_ready", "file_delivered"))
             elif name.startswith("SFTP backend"):
                 transport = name.split(", ")[1].split()[0]
@@ -295,6 +308,7 @@ def small(s: Sshd, work: Path, count: int, runs: int, conc: int,
             # and their ssh; the backend row runs in this process) and the rest (sshd,
             # the kernel's writeback)
             "cpu_ms_per_file": {k: _cpu_row(v, count / 1000) for k, v in split.items()},
+            "relay_peak_rss_mib": {k: round(v / 2**20, 1) for k, v in peak.items()},
             "cores": os.cpu_count()}
 
 
@@ -399,6 +413,8 @@ def _table(r: dict[str, Any]) -> None:
     for r, ratio in lg["ratio_relay_delivery_to_sftp_same_cipher_and_flush"].items():
         label = f"{r} / sftp, same cipher and flush"
         print(f"  {label:<50} {'':>9} {'':>8} {ratio:>11}x")
+    for r, mib in lg["relay_peak_rss_mib"].items():
+        print(f"  {r + ': peak RSS (largest process)':<50} {mib:>8} MiB")
     print(f"\n{'small: ' + str(sm['files']) + ' x 4 KiB + sidecar':<52} {'median':>9} "
           f"{'files/s':>8} {'vs sftp -b':>12} {'CPU ms/file':>12} {'client+rest':>14}")
     for k, v in sm["median_s"].items():
@@ -408,6 +424,8 @@ def _table(r: dict[str, Any]) -> None:
         print(f"  {k:<50} {v:>8.3f}s {sm['files_per_s'][k]:>8} "
               f"{sm['speedup_vs_sftp_puts'][k]:>11}x {'' if cpu is None else cpu:>12} "
               f"{side:>14}")
+    for r, mib in sm["relay_peak_rss_mib"].items():
+        print(f"  {r + ': peak RSS (largest process)':<50} {mib:>8} MiB")
 
 
 if __name__ == "__main__":
