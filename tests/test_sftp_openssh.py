@@ -273,7 +273,6 @@ CHILD = """
 import asyncio, sys
 from pathlib import Path
 from typing import Any
-from relay.destinations import sftp_openssh
 from relay.destinations.sftp import SftpDestination
 from relay.logs import configure
 from relay.rules import DestinationRule
