@@ -154,11 +154,31 @@ def _check(settings: Settings, probe: bool) -> int:
         except RelayError as exc:
             print(f"relay: {', '.join(wants_ssh)}: {exc}", file=sys.stderr)
             return 1
+    problems = _identity_problems(settings, rules)
+    if problems:
+        _print_problems(problems)
+        return 1
     print(f"ok: {len(rules.sources)} source(s), {len(rules.destinations)} destination(s), "
           f"{len(rules.routes)} route(s) in {', '.join(rules.files)}")
     if probe:
         return asyncio.run(_probe(settings, rules))
     return 0
+
+
+def _identity_problems(settings: Settings, rules: Rules) -> list[RuleProblem]:
+    """Each SFTP identity loaded by the reader its transport uses (with the passphrase)."""
+    keyed = [d for d in rules.destinations if d.scheme == "sftp" and d.identity is not None]
+    if not keyed:
+        return []
+    from relay.destinations.sftp_keys import identity_problem  # imports asyncssh
+    from relay.destinations.sftp_pool import read_secret
+
+    out = []
+    for d in keyed:
+        why = identity_problem(d, read_secret(settings.secrets_dir, d.passphrase_secret))
+        if why is not None:
+            out.append(RuleProblem("(rules)", None, f"destinations[{d.name}].identity", why))
+    return out
 
 
 async def _probe(settings: Settings, rules: Rules) -> int:

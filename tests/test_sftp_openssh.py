@@ -27,7 +27,7 @@ from relay.destinations.sftp_openssh import OpensshLink, _spawn, ssh_options
 from relay.errors import PermanentError, RetryableError
 from relay.rules import DestinationRule
 from tests.helpers import start_error
-from tests.sshd_server import Sshd, sftp_dir, sshd  # noqa: F401
+from tests.sshd_server import Sshd, make_key, sftp_dir, sshd  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,14 +161,14 @@ def test_askpass_that_cannot_run_is_a_permanent_error(
     secrets.mkdir()
     (secrets / "pp").write_text("s3cret-pp\n")
     key = _encrypted_key(tmp_path, sshd, "s3cret-pp")
-    real = sftp_openssh._askpass_env
+    real = sftp_openssh.askpass_env
 
     def not_executable(sockdir: str, *secret: str | None) -> dict[str, str] | None:
         env = real(sockdir, *secret)
         os.chmod(os.path.join(sockdir, "askpass"), 0o600)
         return env
 
-    monkeypatch.setattr(sftp_openssh, "_askpass_env", not_executable)
+    monkeypatch.setattr(sftp_openssh, "askpass_env", not_executable)
     exc = start_error(SftpDestination(rule(sshd, sftp_dir, identity=key,
                                            passphrase_secret="pp"), secrets))
     assert isinstance(exc, PermanentError) and "TMPDIR" in str(exc), exc
@@ -522,7 +522,7 @@ def test_relay_check_says_when_ssh_is_missing(tmp_path: Path) -> None:
 
     (tmp_path / "in").mkdir()
     key, kh = tmp_path / "k", tmp_path / "kh"
-    key.write_text("a key\n")
+    make_key(key)
     key.chmod(0o600)
     kh.write_text("")
     rules = write_rules(tmp_path / "rules", source=tmp_path / "in",

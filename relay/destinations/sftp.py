@@ -1,7 +1,7 @@
 """``sftp://user@host:port/path`` destinations over asyncssh's SFTP client (with
-sftp_pool.py, sftp_session.py, sftp_errors.py and sftp_openssh.py, the only modules importing
-it). The connection is pooled in sftp_pool.py; the SSH connection under it is asyncssh's or,
-with ``transport: openssh``, OpenSSH's ``ssh`` (sftp_openssh.py).
+sftp_pool.py, sftp_session.py, sftp_errors.py, sftp_openssh.py and sftp_keys.py, the only
+modules importing it). The connection is pooled in sftp_pool.py; the SSH connection under
+it is asyncssh's or, with ``transport: openssh``, OpenSSH's ``ssh`` (sftp_openssh.py).
 
 One pooled SSH connection per destination carries up to 8 SFTP channels (never more than
 ``rule.concurrency``; fewer if the server refuses more sessions); up to ``rule.concurrency``

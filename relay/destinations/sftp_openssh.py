@@ -53,7 +53,8 @@ from relay.errors import PermanentError, RetryableError
 from relay.logs import get_logger
 from relay.rules import DestinationRule
 
-__all__ = ["OpensshLink", "asyncssh_compatible", "open_openssh", "ssh_binary", "ssh_options"]
+__all__ = ["OpensshLink", "askpass_env", "asyncssh_compatible", "open_openssh", "ssh_binary",
+           "ssh_options"]
 
 log = get_logger()
 
@@ -349,7 +350,7 @@ esac
 """
 
 
-def _askpass_env(sockdir: str, passphrase: str | None,
+def askpass_env(sockdir: str, passphrase: str | None,
                  password: str | None) -> dict[str, str] | None:
     """The master's environment when a secret answers ssh's prompts (else None: inherit)."""
     if passphrase is None and password is None:
@@ -405,7 +406,7 @@ async def open_openssh(rule: DestinationRule, user: str, host: str, port: int,
     try:
         master = await _spawn(ssh, *opts, "-v", "-M", "-S", sock, "-o", "ControlPersist=no",
                               "-N", "--", f"{user}@{host}",
-                              env=_askpass_env(sockdir, passphrase, password))
+                              env=askpass_env(sockdir, passphrase, password))
     except BaseException:
         shutil.rmtree(sockdir, ignore_errors=True)
         raise

@@ -35,7 +35,7 @@ from relay.logs import get_logger
 from relay.metrics import METRICS
 from relay.rules import DestinationRule
 
-__all__ = ["DEFAULT_CONCURRENCY", "MAX_CHANNELS", "Pool"]
+__all__ = ["DEFAULT_CONCURRENCY", "MAX_CHANNELS", "Pool", "read_secret"]
 
 log = get_logger()
 
@@ -72,14 +72,7 @@ class Pool:
             f"{self.name} {self.user} {self.root}".encode()).hexdigest()[:8]
 
     def _secret(self, name: str | None) -> str | None:
-        if name is None:
-            return None
-        if self.secrets_dir is None:
-            raise PermanentError(f"secret {name!r} named but RELAY_SECRETS_DIR is not set")
-        try:
-            return (self.secrets_dir / name).read_text(encoding="utf-8").rstrip("\r\n")
-        except OSError as exc:
-            raise PermanentError(f"cannot read secret {name!r}: {exc.strerror}") from exc
+        return read_secret(self.secrets_dir, name)
 
     async def _connect(self) -> Session:
         started = time.monotonic()
@@ -211,3 +204,15 @@ class Pool:
             await wait_closed(s.link)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def read_secret(secrets_dir: Path | None, name: str | None) -> str | None:
+    """The content of secret file ``name`` (trailing newline removed); None if no name."""
+    if name is None:
+        return None
+    if secrets_dir is None:
+        raise PermanentError(f"secret {name!r} named but RELAY_SECRETS_DIR is not set")
+    try:
+        return (secrets_dir / name).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise PermanentError(f"cannot read secret {name!r}: {exc.strerror}") from exc
