@@ -19,6 +19,7 @@ from pathlib import Path
 import asyncssh
 
 from relay.destinations.sftp_openssh import askpass_env
+from relay.errors import RelayError
 from relay.rules import DestinationRule
 
 __all__ = ["identity_problem"]
@@ -44,16 +45,17 @@ def _ssh_problem(identity: Path, passphrase: str | None) -> str | None:
     keygen = shutil.which("ssh-keygen")
     if keygen is None:
         return None
-    with tempfile.TemporaryDirectory(prefix="relay-keycheck-") as tmp:
-        # An empty passphrase for a key without one: the script then refuses no prompt
-        # with a hang, and an encrypted key fails as "incorrect passphrase".
-        env = askpass_env(tmp, passphrase if passphrase is not None else "", None)
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="relay-keycheck-") as tmp:
+            # Without a passphrase_secret the script answers "": a prompt never waits, and
+            # an encrypted key fails as "incorrect passphrase".
+            env = askpass_env(tmp, passphrase if passphrase is not None else "", None)
             res = subprocess.run([keygen, "-y", "-f", str(identity)], env=env,
                                  stdin=subprocess.DEVNULL, capture_output=True, text=True,
                                  timeout=30, start_new_session=True)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            return f"ssh-keygen could not check {identity}: {exc}"
+    except (OSError, RelayError, subprocess.TimeoutExpired) as exc:
+        # e.g. no writable TMPDIR, which the transport needs too (its control socket)
+        return f"ssh-keygen could not check {identity}: {exc}"
     if res.returncode == 0:
         return None
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
