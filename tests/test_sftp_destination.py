@@ -253,11 +253,14 @@ def test_passphrase_protected_identity(tmp_path: Path, sshd: Sshd,  # noqa: F811
 
 
 def test_password_login_from_secret(tmp_path: Path, faulty: FaultServer) -> None:
-    """Password authentication reads the password from the named secret file."""
-    faulty.faults.password = "pw-123"
+    """Password authentication reads the password from the named secret file (trailing
+    newline removed; quotes, $, backslashes, spaces and a leading dash kept as they are:
+    with openssh the password passes through a shell script)."""
+    password = """-p w$HOME'"\\n`x`%s"""
+    faulty.faults.password = password
     secrets = tmp_path / "secrets"
     secrets.mkdir()
-    (secrets / "pw").write_text("pw-123")
+    (secrets / "pw").write_text(password + "\n")
     dest = SftpDestination(fault_rule(faulty, identity=None, password_secret="pw"), secrets)
     src, data = payload(tmp_path, 5000)
 
