@@ -7,6 +7,7 @@ Every problem is reported with its file, line and field (``RulesError.problems``
 from __future__ import annotations
 
 import os
+import pwd
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -396,7 +397,8 @@ def login_file_problems(rules: Rules, secrets_dir: Path | None) -> list[RuleProb
     """What `relay check` can tell about an SFTP destination's login without connecting:
     its identity, known_hosts and named secrets must be readable, and with ``transport:
     openssh`` the identity must not be readable by others (``ssh`` ignores such a key, and
-    the login is then refused, e.g. a Kubernetes Secret mounted with its default 0644)."""
+    the login is then refused, e.g. a Kubernetes Secret mounted with its default 0644) and
+    relay's user needs a passwd entry (``ssh`` refuses to run without one)."""
     out: list[RuleProblem] = []
 
     def problem(d: DestinationRule, field: str, message: str) -> None:
@@ -421,6 +423,14 @@ def login_file_problems(rules: Rules, secrets_dir: Path | None) -> list[RuleProb
                     problem(d, "identity", f"{d.identity} has mode {st.st_mode & 0o777:04o}; "
                             "ssh ignores a private key others may read (chmod 600; "
                             "Kubernetes: the Secret volume's defaultMode 0400)")
+        if d.transport == "openssh":
+            try:
+                pwd.getpwuid(os.getuid())
+            except KeyError:
+                # OpenShift and some securityContexts run an arbitrary UID without one
+                problem(d, "transport", f"ssh needs a passwd entry for relay's user (uid "
+                        f"{os.getuid()} has none): use transport: asyncssh, or an image "
+                        "that adds the user")
         known = d.known_hosts or Path.home() / ".ssh" / "known_hosts"
         if (why := unreadable(known)) is not None:
             problem(d, "known_hosts", f"{why}: every host key would be refused")

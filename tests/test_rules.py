@@ -170,3 +170,31 @@ def test_check_reads_the_login_files_of_sftp_destinations(tmp_path: Path) -> Non
     assert "secret 'pp'" in p and "No such file" in p
     [p] = problems(secrets, identity=str(key), known_hosts=str(tmp_path / "nokh"))
     assert "destinations[p].known_hosts" in p and "refused" in p
+
+
+def test_check_names_a_uid_without_passwd_entry_for_openssh(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ssh will not run for a UID without a passwd entry (OpenShift's arbitrary UIDs): a
+    problem for transport: openssh, none for asyncssh."""
+    import pwd
+
+    from relay.rules import login_file_problems
+
+    def no_entry(uid: int) -> pwd.struct_passwd:
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+    (tmp_path / "in").mkdir()
+    key, kh = tmp_path / "id", tmp_path / "kh"
+    key.write_text("k")
+    key.chmod(0o600)
+    kh.write_text("")
+    monkeypatch.setattr(pwd, "getpwuid", no_entry)
+    for transport, want in (("openssh", 1), ("asyncssh", 0)):
+        (tmp_path / "r.yaml").write_text(yaml.safe_dump({
+            "sources": [{"name": "in", "path": str(tmp_path / "in")}],
+            "destinations": [{"name": "p", "url": "sftp://u@h/in", "identity": str(key),
+                              "known_hosts": str(kh), "transport": transport}],
+            "routes": [{"name": "r", "source": "in", "to": ["p"]}]}))
+        got = [str(p) for p in login_file_problems(load_rules(tmp_path / "r.yaml"), None)]
+        assert len(got) == want, got
+        assert all("destinations[p].transport" in p and "passwd entry" in p for p in got)
