@@ -351,7 +351,7 @@ esac
 
 
 def askpass_env(sockdir: str, passphrase: str | None,
-                 password: str | None) -> dict[str, str] | None:
+                password: str | None) -> dict[str, str] | None:
     """The master's environment when a secret answers ssh's prompts (else None: inherit)."""
     if passphrase is None and password is None:
         return None
