@@ -1,8 +1,9 @@
 """Filesystem events → hints. watchdog runs in its own thread; each event is handed to
 the event loop in exactly one place (``loop.call_soon_threadsafe``). Events never decide
 readiness: they only say *which path to look at again*. The start-up scan and periodic
-rescans (:func:`relay.paths.scan`) catch whatever the OS dropped (NFS); an inotify queue overflow is
-reported to the loop too (``overflow``), so the source is rescanned at once."""
+rescans (:func:`relay.evaluation.scan`) catch whatever the OS dropped (NFS); an inotify
+queue overflow is reported to the loop too (``overflow``), so the source is rescanned at
+once."""
 
 from __future__ import annotations
 

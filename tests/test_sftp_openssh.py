@@ -23,7 +23,8 @@ from pydantic import ValidationError
 
 from relay.destinations import sftp_openssh
 from relay.destinations.sftp import SftpDestination
-from relay.destinations.sftp_openssh import OpensshLink, _spawn, ssh_options
+from relay.destinations.sftp_openssh import OpensshLink, _spawn
+from relay.destinations.sftp_openssh_login import ssh_options
 from relay.errors import PermanentError, RetryableError
 from relay.rules import DestinationRule
 from tests.helpers import start_error
@@ -417,13 +418,13 @@ def test_ssh_errors_become_relay_errors(tmp_path: Path, stderr: str, kind: type,
     test_sftp_destination.py)."""
     from types import SimpleNamespace
 
-    from relay.destinations.sftp_openssh import _refusal
+    from relay.destinations.sftp_openssh_login import refusal
 
     r = DestinationRule(name="p", url="sftp://u@h/in", transport="openssh",
                         identity=tmp_path / "k")
     proc: Any = SimpleNamespace(errors=lambda: ["OpenSSH_9.2p1, OpenSSL 3.0",
                                                 *stderr.splitlines()])
-    exc = _refusal("connecting to h:22", r, "u", proc, 255)
+    exc = refusal("connecting to h:22", r, "u", proc, 255)
     assert type(exc) is kind and says in str(exc), exc
 
 
