@@ -316,7 +316,7 @@ async def _backend(s: Sshd, src: Path, out: Path, rels: list[str], conc: int,
                    transport: str) -> float:
     """The SFTP destination in this process, no journal or engine: stage, commit and
     sidecar for every file, ``conc`` files at a time. Seconds."""
-    from relay.destinations.sftp import SftpDestination
+    from relay.destinations.sftp.destination import SftpDestination
     from relay.logs import configure
     from relay.rules import DestinationRule
 

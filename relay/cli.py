@@ -146,7 +146,7 @@ def _check(settings: Settings, probe: bool) -> int:
                  if d.scheme == "sftp" and d.transport == "openssh"]
     if wants_ssh:
         # imports asyncssh: only here
-        from relay.destinations.sftp_openssh import asyncssh_compatible, ssh_binary
+        from relay.destinations.sftp.openssh import asyncssh_compatible, ssh_binary
 
         try:
             ssh_binary()
@@ -170,8 +170,8 @@ def _identity_problems(settings: Settings, rules: Rules) -> list[RuleProblem]:
     keyed = [d for d in rules.destinations if d.scheme == "sftp" and d.identity is not None]
     if not keyed:
         return []
-    from relay.destinations.sftp_keys import identity_problem  # imports asyncssh
-    from relay.destinations.sftp_pool import read_secret
+    from relay.destinations.sftp.keys import identity_problem  # imports asyncssh
+    from relay.destinations.sftp.pool import read_secret
 
     out = []
     for d in keyed:

@@ -21,8 +21,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from relay.destinations.base import open_destination
-from relay.destinations.sftp import SftpDestination, parse_sftp_url
-from relay.destinations.sftp_session import wait_closed
+from relay.destinations.sftp.destination import SftpDestination, parse_sftp_url
+from relay.destinations.sftp.session import wait_closed
 from relay.errors import PermanentError, RetryableError, SourceVanished
 from relay.metrics import METRICS
 from relay.rules import DestinationRule
@@ -652,7 +652,7 @@ def test_large_upload_is_flushed_early_beside_the_writes(
     """Each EarlyFlush.window acknowledged is fsynced through a second handle on another
     channel while the writes go on, so the final fsync waits for the tail only; a failing
     early flush changes nothing (the final fsync counts); none without fsync."""
-    from relay.destinations.sftp_session import EarlyFlush
+    from relay.destinations.sftp.session import EarlyFlush
 
     monkeypatch.setattr(EarlyFlush, "window", 1 << 20)
     src, data = payload(tmp_path, 6 << 20)

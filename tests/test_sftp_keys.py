@@ -1,4 +1,4 @@
-"""relay/destinations/sftp_keys.py: `relay check` asks the reader each transport uses
+"""relay/destinations/sftp/keys.py: `relay check` asks the reader each transport uses
 whether it can load the identity, with the passphrase from the secret — the key formats
 the two transports read differ, and a wrong passphrase should show before a delivery."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from relay.destinations.sftp_keys import identity_problem
+from relay.destinations.sftp.keys import identity_problem
 from relay.rules import DestinationRule
 from tests.helpers import RELAY, relay_env, write_rules
 from tests.sshd_server import make_key

@@ -1,4 +1,4 @@
-"""``transport: openssh`` (relay/destinations/sftp_openssh.py): what differs from the asyncssh
+"""``transport: openssh`` (relay/destinations/sftp/openssh.py): what differs from the asyncssh
 transport. The shared behaviour (delivery, probe, host keys, logins, drops, stalls) is
 tested on both transports in test_sftp_destination.py."""
 
@@ -21,10 +21,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from relay.destinations import sftp_openssh
-from relay.destinations.sftp import SftpDestination
-from relay.destinations.sftp_openssh import OpensshLink, _spawn
-from relay.destinations.sftp_openssh_login import ssh_options
+from relay.destinations.sftp import openssh as sftp_openssh
+from relay.destinations.sftp.destination import SftpDestination
+from relay.destinations.sftp.openssh import OpensshLink, _spawn
+from relay.destinations.sftp.openssh_login import ssh_options
 from relay.errors import PermanentError, RetryableError
 from relay.rules import DestinationRule
 from tests.helpers import start_error
@@ -245,7 +245,7 @@ def test_a_channel_cut_short_leaves_no_socket_open(sshd: Sshd, sftp_dir: Path,  
     """A server that never answers SFTP's init: the channels are cancelled at the stall
     bound, before their reader tasks exist, so no asyncssh cleanup would ever close our end
     of their socket pairs. The link closes them itself when it is collected."""
-    import relay.destinations.sftp_openssh as mod
+    import relay.destinations.sftp.openssh as mod
 
     made: list[socket.socket] = []
 
@@ -274,7 +274,7 @@ CHILD = """
 import asyncio, sys
 from pathlib import Path
 from typing import Any
-from relay.destinations.sftp import SftpDestination
+from relay.destinations.sftp.destination import SftpDestination
 from relay.logs import configure
 from relay.rules import DestinationRule
 
@@ -299,7 +299,7 @@ def test_no_room_for_the_control_socket_or_process_is_retryable(
     """A control-socket folder that cannot be made (read-only or full /tmp) or an ssh that
     cannot be started (no processes left) is a retryable connect error naming what failed,
     not an internal error of the job."""
-    import relay.destinations.sftp_openssh as mod
+    import relay.destinations.sftp.openssh as mod
 
     def refuse(*_: Any, **__: Any) -> Any:
         raise OSError(30 if where == "mkdtemp" else 11,
@@ -418,7 +418,7 @@ def test_ssh_errors_become_relay_errors(tmp_path: Path, stderr: str, kind: type,
     test_sftp_destination.py)."""
     from types import SimpleNamespace
 
-    from relay.destinations.sftp_openssh_login import refusal
+    from relay.destinations.sftp.openssh_login import refusal
 
     r = DestinationRule(name="p", url="sftp://u@h/in", transport="openssh",
                         identity=tmp_path / "k")
@@ -553,7 +553,7 @@ def test_an_asyncssh_with_other_internals_is_refused_clearly(
     version and the way out, not a TypeError; the installed one passes."""
     import asyncssh.sftp
 
-    import relay.destinations.sftp_openssh as mod
+    import relay.destinations.sftp.openssh as mod
 
     mod.asyncssh_compatible()  # the installed asyncssh
 

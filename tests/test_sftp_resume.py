@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from relay.destinations.base import Staged
-from relay.destinations.sftp import SftpDestination
+from relay.destinations.sftp.destination import SftpDestination
 from relay.errors import RetryableError
 from relay.rules import DestinationRule
 from tests.fault_sftp import FaultServer, fault_server

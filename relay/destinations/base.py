@@ -110,7 +110,7 @@ def open_destination(rule: DestinationRule, secrets_dir: Path | None = None) -> 
 
         return LocalDestination(rule)
     if rule.scheme == "sftp":
-        from relay.destinations.sftp import SftpDestination  # type: ignore[import-not-found,unused-ignore]
+        from relay.destinations.sftp.destination import SftpDestination
 
-        return SftpDestination(rule, secrets_dir)  # type: ignore[no-any-return,unused-ignore]
+        return SftpDestination(rule, secrets_dir)
     raise ValueError(f"no backend for {rule.url}")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import asyncssh
 
-from relay.destinations.sftp_openssh_login import askpass_env
+from relay.destinations.sftp.openssh_login import askpass_env
 from relay.errors import RelayError
 from relay.rules import DestinationRule
 

@@ -6,7 +6,7 @@ offset it belongs to. The source is read and hashed a block ahead on a worker th
 (hashlib releases the GIL), while the event loop encrypts and sends the previous block:
 one pass over the data, memory bounded by ``max_inflight`` pieces plus two blocks.
 
-Errors of the remote file object propagate unchanged: the caller (``sftp.py``) translates
+Errors of the remote file object propagate unchanged: the caller (``destination.py``) translates
 them, in one place, into the relay error tree.
 """
 

@@ -1,4 +1,4 @@
-"""The one place asyncssh and socket errors become relay errors (for sftp.py).
+"""The one place asyncssh and socket errors become relay errors (for destination.py).
 
 A refused host key is a PermanentError (an operator must look at known_hosts, then
 ``relay retry``); a refused login and everything network-shaped are RetryableErrors, so a

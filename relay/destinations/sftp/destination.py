@@ -1,13 +1,13 @@
 """``sftp://user@host:port/path`` destinations over asyncssh's SFTP client (with
-sftp_pool.py, sftp_session.py, sftp_errors.py, sftp_openssh.py and sftp_keys.py, the only
-modules importing it). The connection is pooled in sftp_pool.py; the SSH connection under
-it is asyncssh's or, with ``transport: openssh``, OpenSSH's ``ssh`` (sftp_openssh.py).
+pool.py, session.py, errors.py, openssh.py and keys.py, the only
+modules importing it). The connection is pooled in pool.py; the SSH connection under
+it is asyncssh's or, with ``transport: openssh``, OpenSSH's ``ssh`` (openssh.py).
 
 One pooled SSH connection per destination carries up to 8 SFTP channels (never more than
 ``rule.concurrency``; fewer if the server refuses more sessions); up to ``rule.concurrency``
 files move over it at once, each as pipelined write requests on the least busy channel.
 On first connect the server is probed
-(:mod:`relay.destinations.sftp_probe`) and the delivery path uses what it found:
+(:mod:`relay.destinations.sftp.probe`) and the delivery path uses what it found:
 
     stage:  upload to the hidden temporary, hashing as it goes → fsync@openssh.com
             → size check → optional read-back digest
@@ -24,7 +24,7 @@ Every wait on the network is bounded: asyncssh's connect/login timeouts and keep
 plus a watchdog that aborts the connection when an operation has waited on the server for
 ``max(login_timeout, 2 * keepalive_interval)`` seconds without any reply (more during an
 fsync, which may flush a large file at a slow disk's pace). Library exceptions are translated
-once, in sftp_errors.py.
+once, in errors.py.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from pathlib import Path
 import asyncssh
 
 from relay.destinations.base import Progress, Staged, temp_name
-from relay.destinations.sftp_errors import unsupported
-from relay.destinations.sftp_io import hash_prefix, read_hash, upload
-from relay.destinations.sftp_pool import Pool
-from relay.destinations.sftp_session import (
+from relay.destinations.sftp.errors import unsupported
+from relay.destinations.sftp.io import hash_prefix, read_hash, upload
+from relay.destinations.sftp.pool import Pool
+from relay.destinations.sftp.session import (
     EarlyFlush,
     Session,
     parse_sftp_url,
@@ -62,7 +62,7 @@ PIECES_PER_BLOCK = 8   # source read + hashed per thread hop: 8 x the write limi
 
 
 class SftpDestination:
-    """A folder on an SFTP server, reached over one pooled SSH connection (sftp_pool.py)."""
+    """A folder on an SFTP server, reached over one pooled SSH connection (pool.py)."""
 
     def __init__(self, rule: DestinationRule, secrets_dir: Path | None = None) -> None:
         self.name = rule.name

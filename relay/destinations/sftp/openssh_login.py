@@ -1,4 +1,4 @@
-"""How ``transport: openssh`` has ``ssh`` log in; the processes are sftp_openssh.py's.
+"""How ``transport: openssh`` has ``ssh`` log in; the processes are openssh.py's.
 
 What ``ssh`` is told: no user or system config (``-F /dev/null``), only the rule's identity
 (no agent, no ``~/.ssh/id_*``), only the rule's known_hosts (``StrictHostKeyChecking=yes``),
@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Protocol
 
-from relay.destinations.sftp_session import PREFERRED_CIPHERS
+from relay.destinations.sftp.session import PREFERRED_CIPHERS
 from relay.errors import PermanentError, RetryableError
 from relay.rules import DestinationRule
 

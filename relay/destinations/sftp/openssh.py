@@ -9,7 +9,7 @@ socket pair) carries the SFTP protocol, spoken by asyncssh's own SFTP client
 the channels — pipelining, resume, probe, the watchdog — is the same code as with
 asyncssh's transport.
 
-How ``ssh`` logs in is sftp_openssh_login.py's: what it is told (the rule, nothing else),
+How ``ssh`` logs in is openssh_login.py's: what it is told (the rule, nothing else),
 the askpass script that answers its prompts from the secrets (never a terminal), and what
 its stderr means when it gives up (a refused host key permanent, a refused login
 retryable, like the asyncssh transport).
@@ -42,8 +42,8 @@ import asyncssh
 from asyncssh.logging import logger as ssh_logger
 from asyncssh.sftp import SFTPClientHandler
 
-from relay.destinations.sftp_openssh_login import askpass_env, refusal, ssh_options
-from relay.destinations.sftp_session import wait_closed
+from relay.destinations.sftp.openssh_login import askpass_env, refusal, ssh_options
+from relay.destinations.sftp.session import wait_closed
 from relay.errors import PermanentError, RetryableError
 from relay.logs import get_logger
 from relay.rules import DestinationRule

@@ -2,7 +2,7 @@
 every request; plus URL parsing.
 
 The connection itself is a :class:`Link`: asyncssh's own (:class:`AsyncsshLink`), or an
-OpenSSH ``ssh`` master process (``transport: openssh``, sftp_openssh.py). Either way the
+OpenSSH ``ssh`` master process (``transport: openssh``, openssh.py). Either way the
 channels are asyncssh ``SFTPClient`` objects, so everything above the link is the same."""
 
 from __future__ import annotations
@@ -89,7 +89,7 @@ async def open_asyncssh(rule: DestinationRule, user: str, host: str, port: int,
                         password: str | None
                         ) -> tuple[AsyncsshLink, list[asyncssh.SFTPClient]]:
     """asyncssh's connection and up to ``channels`` SFTP channels over it (at least one).
-    Library errors propagate: the caller translates them (sftp_errors.py)."""
+    Library errors propagate: the caller translates them (errors.py)."""
     conn = await asyncio.wait_for(asyncssh.connect(
         host, port, username=user, config=[], agent_path=None,
         known_hosts=str(rule.known_hosts) if rule.known_hosts else (),

@@ -1,12 +1,12 @@
-"""One SFTP destination's pooled SSH session (sftp.py's connection half).
+"""One SFTP destination's pooled SSH session (destination.py's connection half).
 
 Connected on first use over either transport (asyncssh's, or OpenSSH's ``ssh``:
-sftp_openssh.py); the root is checked and the server probed once (sftp_probe.py); a lost
+openssh.py); the root is checked and the server probed once (probe.py); a lost
 connection is dropped and the next operation reconnects; after ``idle_timeout`` without an
 operation the connection is closed, so a partner's server does not hold relay's login (and,
 with openssh, relay its ``ssh`` processes) while there is nothing to send. :meth:`Pool.op`
 hands out a concurrency slot, the live session and its least busy channel, with library
-errors translated (sftp_errors.py).
+errors translated (errors.py).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import asyncssh
 
-from relay.destinations.sftp_errors import translate, unsupported
-from relay.destinations.sftp_openssh import open_openssh
-from relay.destinations.sftp_probe import probe
-from relay.destinations.sftp_session import (
+from relay.destinations.sftp.errors import translate, unsupported
+from relay.destinations.sftp.openssh import open_openssh
+from relay.destinations.sftp.probe import probe
+from relay.destinations.sftp.session import (
     Link,
     Session,
     open_asyncssh,
@@ -136,7 +136,7 @@ class Pool:
 
     def translate(self, what: str, session: Session | None
                   ) -> contextlib.AbstractContextManager[None]:
-        """Errors of the block as relay errors (sftp_errors.py); a lost connection drops
+        """Errors of the block as relay errors (errors.py); a lost connection drops
         ``session`` from the pool."""
         return translate(what, self.rule, self.user, lambda: self.drop(session))
 
