@@ -316,23 +316,36 @@ async def _backend(s: Sshd, src: Path, out: Path, rels: list[str], conc: int,
                    transport: str) -> float:
     """The SFTP destination in this process, no journal or engine: stage, commit and
     sidecar for every file, ``conc`` files at a time. Seconds."""
+    from relay.destinations.base import Resume
     from relay.destinations.sftp.destination import SftpDestination
+    from relay.destinations.sftp.rule import SftpRule
+    from relay.hops import Hops
     from relay.logs import configure
-    from relay.rules import DestinationRule
+
+    class Quiet:  # what the pipeline offers a write: nothing to resume, no journal
+        resume = Resume()
+
+        def progress(self, acked: int) -> None:
+            pass
+
+        async def checkpoint(self, state: str, acked: int) -> None:
+            pass
 
     configure("warning", "json")
 
-    dest = SftpDestination(DestinationRule(
+    dest = SftpDestination(SftpRule(
         name="sshd", url=s.url(out), identity=s.client_key, known_hosts=s.known_hosts,
         concurrency=conc, transport=transport))
     await dest.start()
+    hops = Hops()
     slots = asyncio.Semaphore(conc)
 
     async def one(rel: str) -> None:
         async with slots:
-            staged = await dest.stage(src / rel, rel, (), 0, lambda n: None)
-            await dest.commit(staged)
-            await dest.put_signal(rel + ".sha256", f"{staged.digests['sha256']}  x\n".encode())
+            staged = await hops.write(dest, src / rel, None, rel, dest.temporary(rel), (),
+                                      Quiet())
+            assert await dest.commit(staged)
+            await dest.announce(rel + ".sha256", f"{staged.digests['sha256']}  x\n".encode())
 
     t = time.perf_counter()
     try:

@@ -15,7 +15,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 from relay import __version__
 from relay.config import Settings, load_settings
@@ -23,9 +22,9 @@ from relay.errors import RelayError, RuleProblem, RulesError
 from relay.logs import configure, get_logger
 from relay.rules import (
     Rules,
+    destination_problems,
     environment_problems,
     load_rules,
-    login_file_problems,
     rules_json_schema,
 )
 
@@ -138,23 +137,7 @@ def _check(settings: Settings, probe: bool) -> int:
     rules = _load_or_report(settings)
     if rules is None:
         return 1
-    problems = login_file_problems(rules, settings.secrets_dir)
-    if problems:
-        _print_problems(problems)
-        return 1
-    wants_ssh = [d.name for d in rules.destinations
-                 if d.scheme == "sftp" and d.transport == "openssh"]
-    if wants_ssh:
-        # imports asyncssh: only here
-        from relay.destinations.sftp.openssh import asyncssh_compatible, ssh_binary
-
-        try:
-            ssh_binary()
-            asyncssh_compatible()
-        except RelayError as exc:
-            print(f"relay: {', '.join(wants_ssh)}: {exc}", file=sys.stderr)
-            return 1
-    problems = _identity_problems(settings, rules)
+    problems = destination_problems(rules, settings.secrets_dir)
     if problems:
         _print_problems(problems)
         return 1
@@ -165,32 +148,15 @@ def _check(settings: Settings, probe: bool) -> int:
     return 0
 
 
-def _identity_problems(settings: Settings, rules: Rules) -> list[RuleProblem]:
-    """Each SFTP identity loaded by the reader its transport uses (with the passphrase)."""
-    keyed = [d for d in rules.destinations if d.scheme == "sftp" and d.identity is not None]
-    if not keyed:
-        return []
-    from relay.destinations.sftp.keys import identity_problem  # imports asyncssh
-    from relay.destinations.sftp.pool import read_secret
-
-    out = []
-    for d in keyed:
-        why = identity_problem(d, read_secret(settings.secrets_dir, d.passphrase_secret))
-        if why is not None:
-            out.append(RuleProblem("(rules)", None, f"destinations[{d.name}].identity", why))
-    return out
-
-
 async def _probe(settings: Settings, rules: Rules) -> int:
-    from relay.destinations.base import open_destination
+    from relay.destinations import open_destination
 
     bad = 0
     for rule in rules.destinations:
         dest = open_destination(rule, settings.secrets_dir)
         try:
             await dest.start()
-            info: Any = getattr(dest, "capabilities", {"writable": True})
-            print(f"{rule.name}: ok {json.dumps(info, default=str)}")
+            print(f"{rule.name}: ok {json.dumps(dest.describe(), default=str)}")
         except RelayError as exc:
             bad += 1
             print(f"{rule.name}: FAILED {exc}")
@@ -201,6 +167,7 @@ async def _probe(settings: Settings, rules: Rules) -> int:
 
 def _run(settings: Settings, rules: Rules, once: bool) -> int:
     from relay.daemon import Daemon
+    from relay.destinations import backend_of
     from relay.engine import Engine
     from relay.file_workers import WORKERS
     from relay.journal import Journal
@@ -212,7 +179,7 @@ def _run(settings: Settings, rules: Rules, once: bool) -> int:
     # sight, full collections do not walk it again and again, and the helpers forked below
     # keep sharing its pages (a collection writes to every object it visits).
     gc.freeze()
-    if any(d.scheme == "file" for d in rules.destinations):
+    if any(backend_of(d).helpers for d in rules.destinations):
         # Forked first: before the journal, the event loop or any thread exist.
         WORKERS.start(settings.file_workers)
     try:

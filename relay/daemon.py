@@ -12,7 +12,8 @@ import signal
 import time
 from collections.abc import Iterable
 
-from relay.destinations.base import Destination, open_destination
+from relay.destinations import open_destination
+from relay.destinations.base import Destination
 from relay.engine import Engine
 from relay.errors import RulesError, TransferError
 from relay.logs import get_logger
@@ -115,6 +116,7 @@ class Daemon:
             if d.name not in self.e.dests or self.e.dests[d.name].rule != d:
                 previous = self.e.dests.get(d.name)
                 self.e.dests[d.name] = open_destination(d, self.e.settings.secrets_dir)
+                self.e.hops.forget(d.name)
                 self.e._spawn(self._swap_destination(self.e.dests[d.name], previous))
         if {s for s in old.sources} != {s for s in rules.sources}:
             for w in self.e.watchers:

@@ -3,8 +3,12 @@
     staging(tmp) → [stage: stream+hash → flush] → renaming(sha256) → [commit: rename]
     → signalling → [signals, batch marker last] → delivered (+ history row)
 
-A single file goes from renaming to delivered with one ``publish`` call (rename, then its
+A single file goes from renaming to delivered with one ``commit`` call (rename, then its
 signals); a batch journals signalling after its renames, durably before its marker.
+
+The pipeline owns the source side: it opens the payload, the one hash its bytes pass and the
+digest decision (:mod:`relay.payload`, through the scheduler :mod:`relay.hops`); a
+backend writes the bytes it is handed and commits them.
 
 A crash at any point leaves a journal state that says exactly what to redo
 (:func:`recover`). The content identity is the sha256 computed while streaming; a
@@ -18,10 +22,11 @@ import contextlib
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from relay.destinations.base import Destination, Staged
+from relay.destinations.base import Destination, Resume, Staged
 from relay.errors import (
     DigestMismatch,
     PermanentError,
@@ -30,6 +35,7 @@ from relay.errors import (
     SourceChanged,
     SourceVanished,
 )
+from relay.hops import Hops
 from relay.journal import Delivery, FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS
@@ -86,11 +92,13 @@ async def deliver_to(
     retry: tuple[float, float, int],
     progress_interval: float,
     rows: list[Delivery] | None = None,
+    hops: Hops | None = None,
 ) -> Outcome:
     """Bring every member of ``row`` to ``dest``. Never raises TransferError: the outcome
     (and the journal) say what happened. ``rows``: this destination's delivery rows of
     ``row``, if the caller has just read them."""
     by_member = {m.rel: m for m in members}
+    hops = hops or Hops()
     if rows is None:
         rows = [d for d in journal.deliveries(row.id) if d.destination == dest.name]
     gave_up = [d for d in rows if d.state == "failed"]
@@ -120,12 +128,14 @@ async def deliver_to(
                 continue
             current = d
             m = by_member[d.member]
-            st = await _stage_one(journal, dest, row, route, src_root, d, m, progress_interval)
+            st = await _stage_one(journal, dest, hops, row, route, src_root, d, m,
+                                  progress_interval)
             if st is not None:
                 staged.append((d, st))
-        journal.mark_renaming([(d.id, st.digests["sha256"], st.size) for d, st in staged])
+        journal.mark_renaming([(d.id, st.tmp, st.sha256, st.size) for d, st in staged])
         for d, st in staged:  # the rows in memory follow the journal (no re-reads)
-            d.state, d.sha256, d.size, d.acked = "renaming", st.digests["sha256"], st.size, st.size
+            d.state, d.tmp, d.sha256, d.size, d.acked = ("renaming", st.tmp, st.sha256,
+                                                         st.size, st.size)
         staged = []
         await journal.durable()  # 'renaming' must survive anything once we rename
         done: list[Delivery] = []
@@ -139,16 +149,17 @@ async def deliver_to(
                 if d.state != "renaming" or d.id in resumed:
                     continue
                 current = d
-                assert d.tmp is not None and d.sha256 is not None
+                assert d.sha256 is not None
                 try:
-                    published_ok = await dest.publish(d.target, d.tmp,
-                                                      _signals(route, d.target, d.sha256))
+                    published_ok = await hops.commit(dest, _staged(d),
+                                                     _signals(route, d.target, d.sha256))
                 except SignalFailed:
                     # The payload is in place: what is left is the signals (status, retry).
                     journal.update_delivery(d.id, state="signalling")
                     d.state = "signalling"
                     raise
                 if not published_ok:
+                    _restage(journal, d)
                     raise RetryableError(f"temporary {d.tmp} vanished before rename")
                 published.add(d.id)
                 done.append(d)
@@ -163,8 +174,8 @@ async def deliver_to(
             if d.state != "renaming" or d.id in published:
                 continue
             current = d
-            assert d.tmp is not None
-            if not await dest.finish_commit(d.target, d.tmp):
+            if not await hops.commit(dest, _staged(d), ()):
+                _restage(journal, d)
                 raise RetryableError(f"temporary {d.tmp} vanished before rename")
             journal.update_delivery(d.id, state="signalling")
             d.state = "signalling"
@@ -240,13 +251,39 @@ def _retry_or_fail(journal: Journal, dest: Destination, row: FileRow, route: Rou
     return Outcome("retry_wait", error, next_try)
 
 
-async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: Route,
-                     src_root: Path, d: Delivery, m: Member,
+def _staged(d: Delivery) -> Staged:
+    """A delivery journalled 'renaming' (or later) as the backend's commit needs it."""
+    assert d.tmp is not None and d.sha256 is not None
+    return Staged(target=d.target, tmp=d.tmp, size=d.size or 0, digests={"sha256": d.sha256})
+
+
+def _restage(journal: Journal, d: Delivery) -> None:
+    """Neither the temporary nor the final name holds what was staged (an object store's
+    upload that a crash lost, a temporary removed by someone else): send it again."""
+    journal.update_delivery(d.id, state="pending", acked=0, resume_state=None)
+    d.state, d.acked, d.resume_state = "pending", 0, None
+
+
+class _Transfer:
+    """What one write may tell the pipeline: progress, and resume records to journal."""
+
+    def __init__(self, journal: Journal, d: Delivery, progress: Callable[[int], None]
+                 ) -> None:
+        self.resume = Resume(d.acked, d.resume_state)
+        self.progress = progress
+        self._journal, self._d = journal, d
+
+    async def checkpoint(self, state: str, acked: int) -> None:
+        self._journal.update_delivery(self._d.id, resume_state=state, acked=acked)
+        self._d.resume_state, self._d.acked = state, acked
+        await self._journal.durable()
+
+
+async def _stage_one(journal: Journal, dest: Destination, hops: Hops, row: FileRow,
+                     route: Route, src_root: Path, d: Delivery, m: Member,
                      progress_interval: float) -> Staged | None:
     """Stage one member; None if the same content was already delivered there."""
-    from relay.destinations.base import temp_name
-
-    tmp = temp_name(dest.rule, d.target)
+    tmp = dest.temporary(d.target)
     before = _identity(src_root / m.rel)
     total = before[1] if before else None  # for progress (status, logs) until staged
     journal.update_delivery(d.id, state="staging", tmp=tmp, attempts=d.attempts + 1,
@@ -280,7 +317,8 @@ async def _stage_one(journal: Journal, dest: Destination, row: FileRow, route: R
                      total=total, percent=pct, rate_mb_s=round(rate / 1e6, 1), eta_s=eta)
 
     await journal.durable()  # 'staging' (the temporary to sweep, the attempt) comes first
-    staged = await dest.stage(src_root / m.rel, d.target, algos, d.acked, progress)
+    staged = await hops.write(dest, src_root / m.rel, total, d.target, tmp, algos,
+                              _Transfer(journal, d, progress))
     if m.declared is None:
         # Written, truncated or replaced while we copied it? With a declared digest the
         # hash check below catches that; an empty marker vouches for nothing but the
@@ -346,4 +384,4 @@ async def _put_signal(dest: Destination, target: str, body: bytes, resumed: bool
     the same bytes is left alone: rewriting it would wake downstream watchers twice."""
     if resumed and await dest.has_identical(target, body):
         return
-    await dest.put_signal(target, body)
+    await dest.announce(target, body)

@@ -19,10 +19,12 @@ from relay.breaker import Breaker
 from relay.coalesce import Coalescer
 from relay.config import Settings
 from relay.delivery import Member, Outcome, deliver_to
-from relay.destinations.base import NAME_MAX, Destination, open_destination
+from relay.destinations import open_destination
+from relay.destinations.base import NAME_MAX, Destination
 from relay.errors import TransferError, UnsafePathError
 from relay.evaluation import Evaluation, Key, is_ignored
 from relay.hashing import hash_file
+from relay.hops import Hops
 from relay.journal import Delivery, FileRow, Journal
 from relay.logs import get_logger
 from relay.metrics import METRICS
@@ -50,6 +52,7 @@ class Engine(Evaluation):
         self.journal = journal
         self.dests: dict[str, Destination] = {
             d.name: open_destination(d, settings.secrets_dir) for d in rules.destinations}
+        self.hops = Hops()  # where the destinations' blocking work runs
         self.dirty: dict[Key, None] = {}
         self.jobs: dict[int, asyncio.Task[None]] = {}  # running, at most `concurrency`
         self.queued: dict[int, None] = {}  # ready, waiting for a free slot (in order)
@@ -222,7 +225,7 @@ class Engine(Evaluation):
                            max(breaker.open_until, time.time() + 1.0))
         outcome = await deliver_to(self.journal, self.dests[dname], row, route, src.path,
                                    members, marker, retry, self.settings.progress_interval,
-                                   rows)
+                                   rows, self.hops)
         if outcome.state in ("delivered", "retry_wait", "failed"):
             was_open = breaker.is_open
             if breaker.record(outcome.state == "delivered"):
@@ -342,7 +345,7 @@ class Engine(Evaluation):
             dest = self.dests.get(d.destination)
             if dest is None:
                 continue
-            if d.tmp and not getattr(dest, "can_resume", False):
+            if d.tmp and not dest.abilities.resumable:
                 try:
                     await dest.discard(d.tmp)
                     log.info("temp_swept", destination=d.destination, tmp=d.tmp)

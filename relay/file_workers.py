@@ -11,8 +11,8 @@ process competes with the loop meanwhile. 10,000 files of 4 KiB, interleaved pai
 
 The pool is forked once, before the event loop, the journal and any thread exist (``start``),
 so every child is a copy of a single-threaded process: no lock can be held across the
-fork. A child only runs the backend's own file code (``LocalDestination`` methods, rebuilt
-from the destination's rule); it dies with relay: ``PR_SET_PDEATHSIG`` makes the kernel
+fork. A child only runs the scheduler's hop functions (relay/hops.py) on destinations
+rebuilt from their rules; it dies with relay: ``PR_SET_PDEATHSIG`` makes the kernel
 kill it when relay exits, even by SIGKILL, so nothing a dead relay asked for can land after
 its successor has started recovery (a call in progress at that moment finishes its current
 syscall, as a thread's would). SIGINT and SIGHUP are ignored in the children: a terminal's
@@ -41,7 +41,7 @@ from typing import Any
 from relay.errors import RetryableError
 from relay.logs import get_logger
 
-__all__ = ["WORKERS", "FileWorkers"]
+__all__ = ["WORKERS", "Call", "FileWorkers"]
 
 log = get_logger()
 
@@ -56,20 +56,17 @@ def _child_init() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-_OWNERS: dict[Any, Any] = {}  # in a child: the object rebuilt for each key
+Call = tuple[Callable[..., Any], tuple[Any, ...]]  # a function importable by name, its args
 
 
-def _run_batch(key: Any, build: Callable[[Any], Any], calls: list[tuple[str, tuple[Any, ...]]]
-               ) -> list[tuple[bool, Any]]:
-    """In a child: ``build(key)`` once per key, then its methods named in ``calls``; each
-    call's result or exception, in order."""
-    owner = _OWNERS.get(key)
-    if owner is None:
-        owner = _OWNERS[key] = build(key)
+def _run_batch(calls: list[Call]) -> list[tuple[bool, Any]]:
+    """In a child: each call's result or exception, in order. The functions are the
+    scheduler's (relay.hops); a destination among the arguments arrives as its rule and is
+    rebuilt once per child (see its ``__reduce__``)."""
     out: list[tuple[bool, Any]] = []
-    for name, args in calls:
+    for fn, args in calls:
         try:
-            out.append((True, getattr(owner, name)(*args)))
+            out.append((True, fn(*args)))
         except Exception as exc:
             try:
                 pickle.loads(pickle.dumps(exc))  # some only fail when rebuilt
@@ -110,16 +107,14 @@ class FileWorkers:
         self._pool = pool
         log.info("file_workers_started", count=count)
 
-    async def run(self, key: Any, build: Callable[[Any], Any],
-                  calls: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
-        """Run ``calls`` (method name, arguments) on ``build(key)`` in one helper — or on
-        a thread, when the pool was lost since the caller saw it active."""
+    async def run(self, calls: list[Call]) -> list[tuple[bool, Any]]:
+        """Run ``calls`` (function, arguments) in one helper, in order — or on a thread,
+        when the pool was lost since the caller saw it active."""
         pool = self._pool
         if pool is None:
-            return await asyncio.to_thread(_run_batch, key, build, calls)
+            return await asyncio.to_thread(_run_batch, calls)
         try:
-            return await asyncio.get_running_loop().run_in_executor(
-                pool, _run_batch, key, build, calls)
+            return await asyncio.get_running_loop().run_in_executor(pool, _run_batch, calls)
         except BrokenProcessPool as exc:
             # A helper died (OOM killer, a stray kill): what its calls did is unknown, so
             # they fail as retryable — the retry takes it from what the journal says, as

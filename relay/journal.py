@@ -78,6 +78,7 @@ CREATE TABLE IF NOT EXISTS deliveries(
     next_try_at REAL,
     last_error TEXT,
     updated_at REAL NOT NULL,
+    resume_state TEXT,
     UNIQUE(file_id, member, destination)
 );
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state);
@@ -155,6 +156,7 @@ class Delivery:
     next_try_at: float | None
     last_error: str | None
     updated_at: float
+    resume_state: str | None  # the backend's own resume record (e.g. an upload's parts)
 
 
 def _to_sql(value: object) -> object:
@@ -204,7 +206,7 @@ _FILE_COLS = ("id, source, rel, kind, route, state, reason, signal, declared_alg
               "declared_digest, sha256, size, fingerprint, generation, first_seen, "
               "waiting_since, ready_at, updated_at")
 _DELIVERY_COLS = ("id, file_id, member, destination, target, tmp, state, sha256, size, acked, "
-                  "attempts, fallbacks, next_try_at, last_error, updated_at")
+                  "attempts, fallbacks, next_try_at, last_error, updated_at, resume_state")
 
 
 class Journal(GroupCommit):
@@ -222,6 +224,9 @@ class Journal(GroupCommit):
         self.db.execute("PRAGMA foreign_keys=ON")
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(_SCHEMA)
+        columns = {r[1] for r in self.db.execute("PRAGMA table_info(deliveries)")}
+        if "resume_state" not in columns:  # a journal written before backends had one
+            self.db.execute("ALTER TABLE deliveries ADD COLUMN resume_state TEXT")
         super().__init__(self.db, path, sync == "full", window)
 
     def close(self) -> None:
@@ -340,16 +345,17 @@ class Journal(GroupCommit):
         with self.tx(atomic=False) as db:
             db.execute(f"UPDATE deliveries SET {sets} WHERE id=?", (*fields.values(), delivery_id))
 
-    def mark_renaming(self, staged: list[tuple[int, str, int]]) -> None:
-        """(delivery id, sha256, size) → 'renaming', all in one transaction. Committed
-        before the renames it allows: after a crash, recovery finishes every rename."""
+    def mark_renaming(self, staged: list[tuple[int, str, str, int]]) -> None:
+        """(delivery id, temporary, sha256, size) → 'renaming', all in one transaction.
+        Committed before the renames it allows: after a crash, recovery finishes every
+        rename (of the temporary the backend reported: an upload may have its own)."""
         if not staged:
             return
         now = time.time()
         with self.tx(atomic=len(staged) > 1) as db:  # one row: one statement, atomic
-            db.executemany("UPDATE deliveries SET state='renaming', sha256=?, size=?, acked=?, "
-                           "updated_at=? WHERE id=?",
-                           [(sha, size, size, now, i) for i, sha, size in staged])
+            db.executemany("UPDATE deliveries SET state='renaming', tmp=?, sha256=?, size=?, "
+                           "acked=?, updated_at=? WHERE id=?",
+                           [(tmp, sha, size, size, now, i) for i, tmp, sha, size in staged])
 
     def mark_delivered(self, d: Delivery, sha256: str) -> None:
         """'delivered'; the trigger adds the history row (under the file's route)."""

@@ -6,25 +6,18 @@ Every problem is reported with its file, line and field (``RulesError.problems``
 
 from __future__ import annotations
 
-import os
-import pwd
-import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, SerializeAsAny, ValidationError, field_validator
 
+from relay.destinations import BACKENDS, check_problems, conflicts, rule_adapter
+from relay.destinations.base import CheckContext, DestinationRule
 from relay.errors import RuleProblem, RulesError, UnsafePathError
 from relay.paths import check_template, compile_glob
+from relay.rule_fields import Duration, Name, Strict, parse_duration
 
 __all__ = [
     "DestinationRule",
@@ -33,46 +26,23 @@ __all__ = [
     "Route",
     "Rules",
     "SourceRule",
+    "destination_problems",
     "environment_problems",
     "load_rules",
     "parse_duration",
     "rules_json_schema",
 ]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
-_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$"
-
-
-def parse_duration(value: Any) -> float | None:
-    """``30``, ``"30s"``, ``"15m"``, ``"24h"``, ``"2d"`` → seconds; None stays None."""
-    if value is None or isinstance(value, int | float):
-        return None if value is None else float(value)
-    m = _DURATION.match(str(value))
-    if not m:
-        raise ValueError(f"not a duration: {value!r} (use e.g. 30s, 15m, 24h)")
-    return float(m.group(1)) * _UNITS[m.group(2)]
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class ReadyRule(_Strict):
+class ReadyRule(Strict):
     """Which signals make a payload READY in a source."""
 
     checksums: tuple[Literal["sha256", "sha512", "md5"], ...] = ("sha256", "sha512", "md5")
     markers: tuple[str, ...] = (".done",)
     directory_marker: str | None = "_SUCCESS"
     manifest: str | None = "SHA256SUMS"
-    deadline: float | None = Field(
+    deadline: Duration | None = Field(
         None, description="Quarantine a file still waiting this long after first seen "
         "(e.g. 24h). Unset: wait forever.")
-
-    @field_validator("deadline", mode="before")
-    @classmethod
-    def _dur(cls, v: Any) -> float | None:
-        return parse_duration(v)
 
     @field_validator("markers")
     @classmethod
@@ -83,101 +53,30 @@ class ReadyRule(_Strict):
         return v
 
 
-class SourceRule(_Strict):
+class SourceRule(Strict):
     """A watched landing zone."""
 
-    name: str = Field(pattern=_NAME)
+    name: Name
     path: Path
     recursive: bool = True
     watcher: Literal["native", "polling"] = Field(
         "native", description="'polling' for NFS/CIFS mounts where inotify sees nothing.")
-    poll_interval: float = Field(2.0, gt=0)
+    poll_interval: Duration = Field(2.0, gt=0)
     ignore: tuple[str, ...] = Field((".*", "**/.*"),
                                     description="Globs never considered (hidden temporaries).")
     ready: ReadyRule = ReadyRule()
 
-    @field_validator("poll_interval", mode="before")
-    @classmethod
-    def _dur(cls, v: Any) -> float | None:
-        return parse_duration(v)
 
-
-class DestinationRule(_Strict):
-    """Where files go. The URL scheme picks the backend module."""
-
-    name: str = Field(pattern=_NAME)
-    url: str
-    temp: Literal["hidden", "staging"] = Field(
-        "hidden", description="hidden: '.X.tmp' beside the final name; staging: a folder "
-        "under the destination root (same filesystem), for consumers that trip on any name.")
-    staging_dir: str = ".relay-staging"
-    fsync: bool = True
-    verify: Literal["none", "readback"] = "none"
-    concurrency: int | None = Field(None, ge=1, le=64)
-    # SFTP options (ignored by file://).
-    transport: Literal["asyncssh", "openssh"] = Field(
-        "asyncssh", description="asyncssh: SSH in-process; openssh: OpenSSH's ssh client "
-        "carries the connection (faster; needs the ssh client).")
-    identity: Path | None = None
-    passphrase_secret: str | None = None
-    password_secret: str | None = None
-    known_hosts: Path | None = None
-    connect_timeout: float = 15.0
-    login_timeout: float = 30.0
-    keepalive_interval: float = 15.0
-    idle_timeout: float = Field(
-        300.0, description="Close the pooled SSH connection after this long without a "
-        "transfer (reopened by the next one); 0 keeps it open.")
-    overwrite: Literal["replace", "fail"] = "replace"
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        parts = urlsplit(v)
-        if parts.scheme not in ("file", "sftp"):
-            raise ValueError(f"unsupported scheme {parts.scheme!r} (file:// or sftp://)")
-        if parts.scheme == "sftp" and not parts.hostname:
-            raise ValueError("sftp:// URL needs a host")
-        if parts.scheme == "file" and not parts.path:
-            raise ValueError("file:// URL needs a path")
-        return v
-
-    @field_validator("connect_timeout", "login_timeout", "keepalive_interval", "idle_timeout",
-                     mode="before")
-    @classmethod
-    def _dur(cls, v: Any) -> float | None:
-        return parse_duration(v)
-
-    @model_validator(mode="after")
-    def _openssh(self) -> DestinationRule:
-        if self.transport == "openssh":
-            if self.identity is None and not self.password_secret:
-                raise ValueError("transport: openssh needs `identity` (a private key file) "
-                                 "or `password_secret`")
-            if self.passphrase_secret and self.identity is None:
-                raise ValueError("passphrase_secret unlocks `identity`, which is not set")
-        return self
-
-    @property
-    def scheme(self) -> str:
-        return urlsplit(self.url).scheme
-
-
-class RetryRule(_Strict):
-    base: float | None = None
-    cap: float | None = None
+class RetryRule(Strict):
+    base: Duration | None = None
+    cap: Duration | None = None
     max_attempts: int | None = Field(None, ge=1)
 
-    @field_validator("base", "cap", mode="before")
-    @classmethod
-    def _dur(cls, v: Any) -> float | None:
-        return parse_duration(v)
 
-
-class Route(_Strict):
+class Route(Strict):
     """Which files of a source go to which destinations, under which name."""
 
-    name: str = Field(pattern=_NAME)
+    name: Name
     source: str
     match: tuple[str, ...] = ("**",)
     to: tuple[str, ...] = Field(min_length=1)
@@ -214,9 +113,11 @@ class Route(_Strict):
         return any(compile_glob(p).match(rel) for p in self.match)
 
 
-class Rules(_Strict):
+class Rules(Strict):
     sources: tuple[SourceRule, ...] = ()
-    destinations: tuple[DestinationRule, ...] = ()
+    # Each destination is its backend's rule model (relay.destinations.rule_adapter);
+    # SerializeAsAny keeps their own fields when the rules are dumped.
+    destinations: tuple[SerializeAsAny[DestinationRule], ...] = ()
     routes: tuple[Route, ...] = ()
     files: tuple[str, ...] = ()
 
@@ -239,9 +140,16 @@ class Rules(_Strict):
 
 # --- loading with line numbers -------------------------------------------------------
 
-_SECTIONS: dict[str, type[_Strict]] = {
-    "sources": SourceRule, "destinations": DestinationRule, "routes": Route,
+_SECTIONS: dict[str, Callable[[Any], Any]] = {
+    "sources": SourceRule.model_validate,
+    "destinations": lambda data: rule_adapter().validate_python(data),
+    "routes": Route.model_validate,
 }
+
+
+def _located(loc: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A destination's error location without the backend's tag pydantic puts first."""
+    return loc[1:] if loc and loc[0] in BACKENDS else loc
 
 
 def _plain(node: yaml.Node) -> Any:
@@ -316,10 +224,12 @@ def load_rules(path: Path) -> Rules:
                 attempted[key] += 1
                 label = f"{key}[{i}]"
                 try:
-                    model = _SECTIONS[key].model_validate(_plain(item))
+                    model = _SECTIONS[key](_plain(item))
                 except ValidationError as exc:
                     for err in exc.errors():
-                        loc = tuple(err["loc"])
+                        loc = _located(tuple(err["loc"]))
+                        if err["type"] == "unsupported_scheme":
+                            loc = ("url",)
                         field = ".".join([label, *map(str, loc)])
                         problems.append(RuleProblem(str(f), _line_of(item, loc), field,
                                                     err["msg"]))
@@ -362,84 +272,44 @@ def _cross_check(items: dict[str, list[tuple[Any, str, int]]]) -> list[RuleProbl
 
 
 def rules_json_schema() -> dict[str, Any]:
-    """JSON Schema of one rules file, for editors (``relay schema``)."""
+    """JSON Schema of one rules file, for editors (``relay schema``): each destination is
+    one of the backends' models, told apart by its URL's scheme."""
     schema = Rules.model_json_schema()
     schema["properties"].pop("files", None)
+    union = rule_adapter().json_schema(ref_template="#/$defs/{model}")
+    schema.setdefault("$defs", {}).update(union.pop("$defs", {}))
+    schema["$defs"].pop("DestinationRule", None)
+    schema["properties"]["destinations"]["items"] = union
     schema["title"] = "relay rules file"
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     return schema
 
 
-def environment_problems(rules: Rules) -> list[RuleProblem]:
-    """Problems a schema cannot see: missing source folders, loops."""
-    from relay.destinations.local import file_url_root
+def _where(rules: Rules) -> str:
+    return rules.files[0] if len(rules.files) == 1 else "(rules)"
 
+
+def environment_problems(rules: Rules) -> list[RuleProblem]:
+    """Problems a schema cannot see, which make relay refuse to start: missing source
+    folders, and each backend's conflicts (a local folder inside a source, say)."""
     out = []
     for s in rules.sources:
         if not s.path.is_dir():
-            out.append(RuleProblem(rules.files[0] if len(rules.files) == 1 else "(rules)", None,
-                                   f"sources[{s.name}].path",
+            out.append(RuleProblem(_where(rules), None, f"sources[{s.name}].path",
                                    f"{s.path} is not an existing directory"))
+    ctx = CheckContext(sources=rules.sources)
     for d in rules.destinations:
-        if d.scheme != "file":
-            continue
-        root = file_url_root(d.url).absolute().resolve()
-        for s in rules.sources:
-            src = s.path.absolute().resolve()
-            if root == src or src in root.parents:
-                out.append(RuleProblem("(rules)", None, f"destinations[{d.name}].url",
-                                       f"{root} is inside source {s.name} ({src}): "
-                                       "relay would forward its own output"))
+        for field, message in conflicts(d, ctx):
+            out.append(RuleProblem("(rules)", None, f"destinations[{d.name}].{field}", message))
     return out
 
 
-def login_file_problems(rules: Rules, secrets_dir: Path | None) -> list[RuleProblem]:
-    """What `relay check` can tell about an SFTP destination's login without connecting:
-    its identity, known_hosts and named secrets must be readable, and with ``transport:
-    openssh`` the identity must not be readable by others (``ssh`` ignores such a key, and
-    the login is then refused, e.g. a Kubernetes Secret mounted with its default 0644) and
-    relay's user needs a passwd entry (``ssh`` refuses to run without one)."""
-    out: list[RuleProblem] = []
-
-    def problem(d: DestinationRule, field: str, message: str) -> None:
-        out.append(RuleProblem("(rules)", None, f"destinations[{d.name}].{field}", message))
-
-    def unreadable(path: Path) -> str | None:
-        try:
-            with open(path, "rb"):
-                return None
-        except OSError as exc:
-            return f"cannot read {path}: {exc.strerror}"
-
+def destination_problems(rules: Rules, secrets_dir: Path | None) -> list[RuleProblem]:
+    """What ``relay check`` can tell about each destination without connecting to it
+    (its backend's checks: for SFTP, the login files and whether its key loads)."""
+    ctx = CheckContext(sources=rules.sources, secrets_dir=secrets_dir)
+    out = []
     for d in rules.destinations:
-        if d.scheme != "sftp":
-            continue
-        if d.identity is not None:
-            if (why := unreadable(d.identity)) is not None:
-                problem(d, "identity", why)
-            elif d.transport == "openssh":
-                st = d.identity.stat()
-                if st.st_uid == os.getuid() and st.st_mode & 0o077:
-                    problem(d, "identity", f"{d.identity} has mode {st.st_mode & 0o777:04o}; "
-                            "ssh ignores a private key others may read (chmod 600; "
-                            "Kubernetes: the Secret volume's defaultMode 0400)")
-        if d.transport == "openssh":
-            try:
-                pwd.getpwuid(os.getuid())
-            except KeyError:
-                # OpenShift and some securityContexts run an arbitrary UID without one
-                problem(d, "transport", f"ssh needs a passwd entry for relay's user (uid "
-                        f"{os.getuid()} has none): use transport: asyncssh, or an image "
-                        "that adds the user")
-        known = d.known_hosts or Path.home() / ".ssh" / "known_hosts"
-        if (why := unreadable(known)) is not None:
-            problem(d, "known_hosts", f"{why}: every host key would be refused")
-        for field in ("passphrase_secret", "password_secret"):
-            name = getattr(d, field)
-            if name is None:
-                continue
-            if secrets_dir is None:
-                problem(d, field, f"secret {name!r} named but RELAY_SECRETS_DIR is not set")
-            elif (why := unreadable(secrets_dir / name)) is not None:
-                problem(d, field, f"secret {name!r}: {why}")
+        for field, message in check_problems(d, ctx):
+            out.append(RuleProblem("(rules)", None, f"destinations[{d.name}].{field}", message))
     return out

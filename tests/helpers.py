@@ -15,6 +15,9 @@ from typing import Any
 
 import yaml
 
+from relay.destinations.base import Destination, Resume, Staged
+from relay.payload import Payload
+
 RELAY = [sys.executable, "-m", "relay.cli"]
 
 
@@ -164,3 +167,36 @@ def start_error(dest: Any) -> Exception:
         raise AssertionError("start() succeeded")
 
     return asyncio.run(go())
+
+
+class Recorder:
+    """A :class:`relay.destinations.base.Transfer` for driving a backend directly: it
+    remembers the progress reports and checkpoints it was given."""
+
+    def __init__(self, acked: int = 0, state: str | None = None,
+                 on_progress: Callable[[int], Any] | None = None) -> None:
+        self.resume = Resume(acked, state)
+        self.reports: list[int] = []
+        self.checkpoints: list[str] = []
+        self._on_progress = on_progress
+
+    def progress(self, acked: int) -> None:
+        self.reports.append(acked)
+        if self._on_progress is not None:
+            self._on_progress(acked)
+
+    async def checkpoint(self, state: str, acked: int) -> None:
+        self.checkpoints.append(state)
+        self.resume = Resume(acked, state)
+
+
+async def write_to(dest: Destination, src: Path, target: str, algos: tuple[str, ...] = (),
+                   acked: int = 0, progress: Callable[[int], Any] | None = None) -> Staged:
+    """What the pipeline does to stage ``src`` at ``dest``: open it, have the backend
+    write it to its temporary for ``target`` (resuming at ``acked`` if it can), and read
+    the digests."""
+    with Payload(src, algos) as payload:
+        staged = await dest.write(payload, target, dest.temporary(target),
+                                  Recorder(acked, on_progress=progress))
+        staged.digests = payload.digests()
+    return staged

@@ -6,14 +6,11 @@ import asyncio
 import threading
 import time
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from relay.coalesce import Coalescer
-from relay.destinations.local import LocalDestination
-from relay.rules import DestinationRule
 
 
 def test_calls_of_one_turn_share_hops_within_the_limits() -> None:
@@ -127,36 +124,6 @@ def test_works_again_on_a_new_loop() -> None:
 def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError):
         Coalescer(max_batch=0)
-
-
-def test_local_destination_coalesces_small_stages_and_publishes(tmp_path: Path) -> None:
-    """Eight small files staged and published together: a hop per step, not per file;
-    a large one still gets its own hop (it would hold its batch-mates for seconds)."""
-    (tmp_path / "out").mkdir()
-    srcs = []
-    for i in range(8):
-        p = tmp_path / f"s{i}"
-        p.write_bytes(b"%d" % i * 100)
-        srcs.append(p)
-    big = tmp_path / "big"
-    big.write_bytes(b"b" * (1 << 20))
-    dest = LocalDestination(DestinationRule(name="o", url=f"file://{tmp_path / 'out'}"))
-
-    async def go() -> None:
-        staged = await asyncio.gather(*(dest.stage(p, f"d/{p.name}", (), 0, lambda n: None)
-                                        for p in srcs))
-        assert dest._calls.hops == 1
-        ok = await asyncio.gather(*(dest.publish(s.target, s.tmp, [(s.target + ".ok", b"")])
-                                    for s in staged))
-        assert ok == [True] * 8
-        assert dest._calls.hops == 2
-        await dest.stage(big, "d/big", (), 0, lambda n: None)
-        assert dest._calls.hops == 2
-
-    asyncio.run(go())
-    for p in srcs:
-        assert (tmp_path / "out/d" / p.name).read_bytes() == p.read_bytes()
-        assert (tmp_path / "out/d" / f"{p.name}.ok").exists()
 
 
 def test_a_cancelled_hop_skips_what_it_has_not_begun() -> None:

@@ -7,30 +7,16 @@ import hashlib
 from pathlib import Path
 
 from relay.delivery import Member, deliver_to
-from relay.destinations.local import LocalDestination
+from relay.destinations.memory import MemoryDestination, MemoryRule, Store, store
 from relay.errors import RetryableError
 from relay.journal import Journal
-from relay.rules import DestinationRule, Route
+from relay.rules import Route
 
 ROUTE = Route(name="r", source="in", to=("o",))
 RETRY = (0.1, 1.0, 3)
 
 
-class Recording(LocalDestination):
-    """Notes, at every rename of a member, whether the batch marker is visible."""
-
-    def __init__(self, rule: DestinationRule, marker: str) -> None:
-        super().__init__(rule)
-        self.marker = marker
-        self.marker_seen_at_rename: list[str] = []
-
-    async def finish_commit(self, target: str, tmp: str) -> bool:
-        if (self.root / self.marker).exists():
-            self.marker_seen_at_rename.append(target)
-        return await super().finish_commit(target, tmp)
-
-
-def _generation(journal: Journal, src: Path, dest: Recording, content: bytes,
+def _generation(journal: Journal, src: Path, dest: MemoryDestination, content: bytes,
                 first: bool) -> str:
     members = {"b/x.csv": content + b"x", "b/y.csv": content + b"y"}
     for rel, data in members.items():
@@ -46,43 +32,48 @@ def _generation(journal: Journal, src: Path, dest: Recording, content: bytes,
         RETRY, 60.0))
     assert outcome.state == "delivered", outcome
     for rel, data in members.items():
-        assert (dest.root / rel).read_bytes() == data
+        assert dest.store.files[rel] == data
     return hashlib.sha256(content).hexdigest()
+
+
+def _order(st: Store, since: int) -> list[tuple[str, str]]:
+    """The marker's and the members' renames, in the order they happened."""
+    return [e for e in st.events[since:] if e[0] != "write"]
 
 
 def test_a_redelivered_batch_takes_the_old_marker_down_before_any_member_changes(
         tmp_path: Path) -> None:
     """Generation 2 of a batch into a folder that still holds generation 1's _SUCCESS:
-    the old marker is gone before the first member is renamed, and a new marker (a new
-    file, so downstream watchers see a new event) is written after the last one."""
-    src, out = tmp_path / "in", tmp_path / "out"
+    the old marker is gone before the first member is renamed, and a new marker is
+    written after the last one."""
+    src = tmp_path / "in"
     src.mkdir()
-    out.mkdir()
-    dest = Recording(DestinationRule(name="o", url=f"file://{out}"), "b/_SUCCESS")
+    dest = MemoryDestination(MemoryRule(name="o", url="mem://batch-redelivery"))
     journal = Journal(tmp_path / "j.sqlite3")
     try:
         _generation(journal, src, dest, b"one", first=True)
-        first_marker = (out / "b/_SUCCESS").stat().st_ino
-        assert dest.marker_seen_at_rename == []
-        # Keep the old marker's inode busy, so a new marker cannot reuse its number.
-        with open(out / "b/_SUCCESS", "rb"):
-            _generation(journal, src, dest, b"two", first=False)
-            assert dest.marker_seen_at_rename == [], "old _SUCCESS visible during renames"
-            assert (out / "b/_SUCCESS").stat().st_ino != first_marker
-        assert (out / "b/_SUCCESS").read_bytes() == b""
+        assert _order(dest.store, 0) == [
+            ("rename", "b/x.csv"), ("rename", "b/y.csv"), ("announce", "b/_SUCCESS")]
+        since = len(dest.store.events)
+        _generation(journal, src, dest, b"two", first=False)
+        assert _order(dest.store, since) == [
+            ("remove", "b/_SUCCESS"), ("rename", "b/x.csv"), ("rename", "b/y.csv"),
+            ("announce", "b/_SUCCESS")]
+        assert dest.store.files["b/_SUCCESS"] == b""
     finally:
         journal.close()
+        store("batch-redelivery").files.clear()
 
 
-class NoRoomForSignals(LocalDestination):
+class NoRoomForSignals(MemoryDestination):
     """Renames work; writing a signal fails as a full disk would, until ``room``."""
 
     room = False
 
-    def _put_small(self, target: str, data: bytes, checked: bool = False) -> None:
+    async def announce(self, target: str, data: bytes) -> None:
         if not self.room:
             raise RetryableError(f"writing signal {target}: disk full")
-        super()._put_small(target, data, checked)
+        await super().announce(target, data)
 
 
 def test_a_signal_that_cannot_be_written_leaves_the_delivery_signalling(
@@ -90,11 +81,11 @@ def test_a_signal_that_cannot_be_written_leaves_the_delivery_signalling(
     """The payload renamed, its sidecar refused: the journal says 'signalling' at once (so
     `relay status` and the retry start from the signals), the payload is in place without
     a signal, and the retry writes the signal without touching the payload."""
-    src, out = tmp_path / "in", tmp_path / "out"
+    src = tmp_path / "in"
     src.mkdir()
-    out.mkdir()
     (src / "p.csv").write_bytes(b"payload")
-    dest = NoRoomForSignals(DestinationRule(name="o", url=f"file://{out}"))
+    dest = NoRoomForSignals(MemoryRule(name="o", url="mem://no-room"))
+    files = dest.store.files
     journal = Journal(tmp_path / "j.sqlite3")
     try:
         row = journal.upsert_file("in", "p.csv", "file", route="r", state="ready")
@@ -109,13 +100,14 @@ def test_a_signal_that_cannot_be_written_leaves_the_delivery_signalling(
         [d] = journal.deliveries(row.id)
         assert d.state == "signalling" and d.last_error is not None
         assert "disk full" in d.last_error
-        assert (out / "p.csv").read_bytes() == b"payload"
-        assert not (out / "p.csv.sha256").exists()
-        inode = (out / "p.csv").stat().st_ino
+        assert files["p.csv"] == b"payload"
+        assert "p.csv.sha256" not in files
+        renames = [e for e in dest.store.events if e[0] == "rename"]
         dest.room = True
         assert asyncio.run(attempt()) == "delivered"
-        assert (out / "p.csv").stat().st_ino == inode
-        assert (out / "p.csv.sha256").read_text() == \
-            f"{hashlib.sha256(b'payload').hexdigest()}  p.csv\n"
+        assert [e for e in dest.store.events if e[0] == "rename"] == renames  # not again
+        assert files["p.csv.sha256"] == \
+            f"{hashlib.sha256(b'payload').hexdigest()}  p.csv\n".encode()
     finally:
         journal.close()
+        files.clear()

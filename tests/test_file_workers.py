@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import pickle
 import signal
 from pathlib import Path
 
-from relay.destinations.local import LocalDestination, _rebuild
+from relay.destinations.local import LocalDestination, LocalRule
 from relay.errors import RetryableError, SourceVanished
 from relay.file_workers import FileWorkers, _run_batch
-from relay.rules import DestinationRule
+from relay.hops import commit, write_small
 from tests.helpers import RelayProc, drop, one_route_zone, wait_for
 
 
@@ -88,51 +89,53 @@ class _Unpicklable(Exception):
         super().__init__(f"{a}/{b}")
 
 
-class _Owner:
-    def ok(self, x: int) -> int:
-        return x * 2
+def _double(x: int) -> int:
+    return 2 * x
 
-    def bad(self) -> None:
-        raise SourceVanished("gone")
 
-    def odd(self) -> None:
-        raise _Unpicklable("a", "b")  # pickles, but cannot be rebuilt from its args
+def _vanish() -> None:
+    raise SourceVanished("gone")
+
+
+def _odd() -> None:
+    raise _Unpicklable("a", "b")
 
 
 def test_a_batch_gives_each_call_its_own_result_or_error() -> None:
     """In order, per call; an exception that could not cross back to relay arrives as a
     RetryableError that keeps its text."""
-    out = _run_batch("k", lambda _: _Owner(), [("ok", (2,)), ("bad", ()), ("odd", ()),
-                                               ("ok", (5,))])
+    out = _run_batch([(_double, (2,)), (_vanish, ()), (_odd, ()), (_double, (5,))])
     assert out[0] == (True, 4) and out[3] == (True, 10)
     assert not out[1][0] and isinstance(out[1][1], SourceVanished)
     assert not out[2][0] and isinstance(out[2][1], RetryableError)
     assert "_Unpicklable: a/b" in str(out[2][1])
 
 
-def test_a_local_destination_stages_and_publishes_through_a_helper(tmp_path: Path) -> None:
-    """The destination's own calls, run in a forked helper: the bytes and digests are the
-    same as on a thread, errors arrive as the relay errors they are."""
+def test_a_local_destination_writes_and_commits_through_a_helper(tmp_path: Path) -> None:
+    """The scheduler's hop functions on a destination sent to a forked helper (as its
+    rule): the bytes and digests are the same as on a thread, errors arrive as the relay
+    errors they are."""
     out = tmp_path / "out"
     out.mkdir()
     data = os.urandom(10_000)
     (tmp_path / "s.bin").write_bytes(data)
-    rule = DestinationRule(name="o", url=f"file://{out}")
+    rule = LocalRule(name="o", url=f"file://{out}")
     dest = LocalDestination(rule)
-    assert isinstance(_rebuild(dest._key), LocalDestination)
+    assert isinstance(pickle.loads(pickle.dumps(dest)), LocalDestination)
     workers = FileWorkers()
     workers.start(1)
     assert workers.active
     try:
         async def go() -> None:
-            staged = await workers.run(dest._key, _rebuild, [
-                ("_stage_small", (tmp_path / "s.bin", "s.bin", ("sha256",), 0)),
-                ("_stage_small", (tmp_path / "missing", "m.bin", (), 0))])
+            staged = await workers.run([
+                (write_small, (dest, tmp_path / "s.bin", "s.bin", ".s.bin.tmp", ("md5",))),
+                (write_small, (dest, tmp_path / "missing", "m.bin", ".m.bin.tmp", ()))])
             (ok, st), (ok2, err) = staged
-            assert ok and st.digests["sha256"] == hashlib.sha256(data).hexdigest()
+            assert ok and st.sha256 == hashlib.sha256(data).hexdigest()
+            assert st.digests["md5"] == hashlib.md5(data).hexdigest()
             assert not ok2 and isinstance(err, SourceVanished)
-            [(ok3, published)] = await workers.run(dest._key, _rebuild, [
-                ("_publish", ("s.bin", st.tmp, [("s.bin.sha256", b"x\n")]))])
+            [(ok3, published)] = await workers.run([
+                (commit, (dest, st, [("s.bin.sha256", b"x\n")]))])
             assert ok3 and published is True
 
         asyncio.run(go())
@@ -172,17 +175,9 @@ def test_a_helper_killed_under_relay_falls_back_to_threads(tmp_path: Path) -> No
         assert relay.stop() == 0
 
 
-class _Probe:
-    def dispositions(self) -> list[bool]:
-        return [signal.getsignal(s) == signal.SIG_IGN
-                for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)]
-
-    def pid(self) -> int:
-        return os.getpid()
-
-
-def _probe(_: object) -> _Probe:
-    return _Probe()
+def _dispositions() -> list[bool]:
+    return [signal.getsignal(s) == signal.SIG_IGN
+            for s in (signal.SIGINT, signal.SIGHUP, signal.SIGTERM)]
 
 
 def test_helpers_ignore_the_signals_meant_for_relay() -> None:
@@ -192,7 +187,7 @@ def test_helpers_ignore_the_signals_meant_for_relay() -> None:
     workers.start(1)
     try:
         [(ok, ignored), (ok2, pid)] = asyncio.run(
-            workers.run("probe", _probe, [("dispositions", ()), ("pid", ())]))
+            workers.run([(_dispositions, ()), (os.getpid, ())]))
     finally:
         workers.stop()
     assert ok and ignored == [True, True, False]
@@ -206,5 +201,5 @@ def test_a_hop_submitted_after_the_pool_is_gone_runs_on_a_thread() -> None:
     workers.start(1)
     workers.stop()
     assert not workers.active
-    [(ok, pid)] = asyncio.run(workers.run("probe", _probe, [("pid", ())]))
+    [(ok, pid)] = asyncio.run(workers.run([(os.getpid, ())]))
     assert ok and pid == os.getpid()

@@ -277,7 +277,7 @@ def test_a_files_digest_is_journalled_with_its_first_staged_delivery(tmp_path: P
                                            ("a.csv", "o2", "a.csv")]) or []
         j.update_delivery(d1.id, state="staging", size=7)
         assert (j.file_by_id(f.id) or f).sha256 is None
-        j.mark_renaming([(d1.id, "aa", 7)])
+        j.mark_renaming([(d1.id, ".a.csv.tmp", "aa", 7)])
         after = j.file_by_id(f.id)
         assert after is not None and (after.sha256, after.size) == ("aa", 7)
         j.mark_delivered(d2, "bb")  # a later one never overwrites it
@@ -290,7 +290,7 @@ def test_a_files_digest_is_journalled_with_its_first_staged_delivery(tmp_path: P
 
         b = j.upsert_file("in", "d", "batch", route="r", state="ready")
         (m,) = j.plan_deliveries(b.id, [("d/x", "o1", "d/x")]) or []
-        j.mark_renaming([(m.id, "dd", 1)])
+        j.mark_renaming([(m.id, "d/.x.tmp", "dd", 1)])
         assert (j.file_by_id(b.id) or b).sha256 is None
     finally:
         j.close()

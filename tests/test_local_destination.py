@@ -10,16 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from relay.destinations.local import LocalDestination
+from relay.destinations.local import LocalDestination, LocalRule
 from relay.errors import RetryableError
-from relay.rules import DestinationRule
+from tests.helpers import write_to
 
 
 def _stage(dest: LocalDestination, src: Path, target: str) -> dict[str, str]:
     async def go() -> dict[str, str]:
-        staged = await dest.stage(src, target, ("md5",), 0, lambda n: None)
+        staged = await write_to(dest, src, target, ("md5",))
         assert (dest.root / staged.tmp).exists() and not (dest.root / target).exists()
-        await dest.commit(staged)
+        assert await dest.commit(staged)
         return staged.digests
 
     return asyncio.run(go())
@@ -37,7 +37,7 @@ def test_copy_paths_are_exact(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, s
     data = os.urandom(size)
     (tmp_path / "src").write_bytes(data)
     (tmp_path / "out").mkdir()
-    dest = LocalDestination(DestinationRule(name="o", url=f"file://{tmp_path / 'out'}"))
+    dest = LocalDestination(LocalRule(name="o", url=f"file://{tmp_path / 'out'}"))
     digests = _stage(dest, tmp_path / "src", "a/b/f.bin")
     assert (tmp_path / "out/a/b/f.bin").read_bytes() == data
     assert digests == {"sha256": hashlib.sha256(data).hexdigest(),
@@ -51,7 +51,7 @@ def test_symlink_escape_in_destination_refused(tmp_path: Path) -> None:
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "out" / "sub").symlink_to(tmp_path / "elsewhere")
     (tmp_path / "src").write_bytes(b"x")
-    dest = LocalDestination(DestinationRule(name="o", url=f"file://{tmp_path / 'out'}"))
+    dest = LocalDestination(LocalRule(name="o", url=f"file://{tmp_path / 'out'}"))
     with pytest.raises(Exception, match="outside"):
         _stage(dest, tmp_path / "src", "sub/f")
     assert list((tmp_path / "elsewhere").iterdir()) == []
@@ -71,7 +71,7 @@ def test_folder_check_agrees_with_realpath(tmp_path: Path, via_link: bool) -> No
     (root / "file").write_text("x")
     (tmp_path / "root_link").symlink_to(root)
     url_root = tmp_path / "root_link" if via_link else root
-    dest = LocalDestination(DestinationRule(name="o", url=f"file://{url_root}"))
+    dest = LocalDestination(LocalRule(name="o", url=f"file://{url_root}"))
     for rel in ["x", "a/x", "a/b/x", "in_link/x", "out_link/x", "a/up/x", "a/up/out/x",
                 "new/dir/x", "file/x", "a/../x", "a/../../x", "in_link/../x"]:
         folder = (dest.root / rel).parent
@@ -81,7 +81,7 @@ def test_folder_check_agrees_with_realpath(tmp_path: Path, via_link: bool) -> No
 def test_missing_root_is_retryable_not_created(tmp_path: Path) -> None:
     """A missing destination root (unmounted volume) is an error, never silently created."""
     (tmp_path / "src").write_bytes(b"x")
-    dest = LocalDestination(DestinationRule(name="o", url=f"file://{tmp_path / 'gone'}"))
+    dest = LocalDestination(LocalRule(name="o", url=f"file://{tmp_path / 'gone'}"))
     with pytest.raises(RetryableError, match="does not exist"):
         _stage(dest, tmp_path / "src", "f")
     assert not (tmp_path / "gone").exists()

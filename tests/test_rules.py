@@ -6,7 +6,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -134,67 +133,3 @@ def test_schema_is_published() -> None:
     assert schema["additionalProperties"] is False
 
 
-def test_check_reads_the_login_files_of_sftp_destinations(tmp_path: Path) -> None:
-    """`relay check` names an unreadable identity or known_hosts, a secret named without
-    RELAY_SECRETS_DIR or missing from it, and, for transport: openssh, a key others may
-    read (ssh ignores it); a destination whose files are all there passes."""
-    from relay.rules import login_file_problems
-
-    (tmp_path / "in").mkdir()
-    key, kh, secrets = tmp_path / "id", tmp_path / "kh", tmp_path / "secrets"
-    key.write_text("k")
-    key.chmod(0o644)
-    kh.write_text("")
-    secrets.mkdir()
-    (secrets / "pw").write_text("pw")
-
-    def problems(secrets_dir: Path | None, **dest: object) -> list[str]:
-        y = {"sources": [{"name": "in", "path": str(tmp_path / "in")}],
-             "destinations": [{"name": "p", "url": "sftp://u@h/in", "known_hosts": str(kh),
-                               **dest}],
-             "routes": [{"name": "r", "source": "in", "to": ["p"]}]}
-        (tmp_path / "r.yaml").write_text(yaml.safe_dump(y))
-        return [str(p) for p in login_file_problems(load_rules(tmp_path / "r.yaml"),
-                                                    secrets_dir)]
-
-    assert problems(secrets, identity=str(key), password_secret="pw") == []
-    [p] = problems(secrets, identity=str(key), transport="openssh")
-    assert "destinations[p].identity" in p and "0644" in p
-    key.chmod(0o600)
-    assert problems(secrets, identity=str(key), transport="openssh") == []
-    [p] = problems(secrets, identity=str(tmp_path / "nope"))
-    assert "destinations[p].identity" in p and "nope" in p
-    [p] = problems(None, identity=str(key), passphrase_secret="pp")
-    assert "passphrase_secret" in p and "RELAY_SECRETS_DIR is not set" in p
-    [p] = problems(secrets, identity=str(key), passphrase_secret="pp")
-    assert "secret 'pp'" in p and "No such file" in p
-    [p] = problems(secrets, identity=str(key), known_hosts=str(tmp_path / "nokh"))
-    assert "destinations[p].known_hosts" in p and "refused" in p
-
-
-def test_check_names_a_uid_without_passwd_entry_for_openssh(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """ssh will not run for a UID without a passwd entry (OpenShift's arbitrary UIDs): a
-    problem for transport: openssh, none for asyncssh."""
-    import pwd
-
-    from relay.rules import login_file_problems
-
-    def no_entry(uid: int) -> pwd.struct_passwd:
-        raise KeyError(f"getpwuid(): uid not found: {uid}")
-
-    (tmp_path / "in").mkdir()
-    key, kh = tmp_path / "id", tmp_path / "kh"
-    key.write_text("k")
-    key.chmod(0o600)
-    kh.write_text("")
-    monkeypatch.setattr(pwd, "getpwuid", no_entry)
-    for transport, want in (("openssh", 1), ("asyncssh", 0)):
-        (tmp_path / "r.yaml").write_text(yaml.safe_dump({
-            "sources": [{"name": "in", "path": str(tmp_path / "in")}],
-            "destinations": [{"name": "p", "url": "sftp://u@h/in", "identity": str(key),
-                              "known_hosts": str(kh), "transport": transport}],
-            "routes": [{"name": "r", "source": "in", "to": ["p"]}]}))
-        got = [str(p) for p in login_file_problems(load_rules(tmp_path / "r.yaml"), None)]
-        assert len(got) == want, got
-        assert all("destinations[p].transport" in p and "passwd entry" in p for p in got)

@@ -20,14 +20,15 @@ import asyncssh
 import pytest
 from structlog.testing import capture_logs
 
-from relay.destinations.base import open_destination
+from relay.destinations import open_destination
+from relay.destinations.base import Staged
 from relay.destinations.sftp.destination import SftpDestination, parse_sftp_url
+from relay.destinations.sftp.rule import SftpRule
 from relay.destinations.sftp.session import wait_closed
 from relay.errors import PermanentError, RetryableError, SourceVanished
 from relay.metrics import METRICS
-from relay.rules import DestinationRule
 from tests.fault_sftp import FaultServer, fault_server
-from tests.helpers import start_error, until, wait_for
+from tests.helpers import start_error, until, wait_for, write_to
 from tests.sshd_server import Sshd, make_key, running_sshd, sftp_dir, sshd  # noqa: F401
 from tests.tcp_proxy import TcpProxy, _open
 
@@ -50,18 +51,18 @@ def transport(request: pytest.FixtureRequest) -> Iterator[str]:
     _current["transport"] = "asyncssh"
 
 
-def rule_for(server: Sshd, root: Path, **kw: Any) -> DestinationRule:
+def rule_for(server: Sshd, root: Path, **kw: Any) -> SftpRule:
     opts: dict[str, Any] = {"identity": server.client_key, "known_hosts": server.known_hosts,
                             "connect_timeout": 5, "login_timeout": 5, **_current}
     opts.update(kw)
-    return DestinationRule(name="partner", url=server.url(root), **opts)
+    return SftpRule(name="partner", url=server.url(root), **opts)
 
 
-def fault_rule(fs: FaultServer, rel: str = "", **kw: Any) -> DestinationRule:
+def fault_rule(fs: FaultServer, rel: str = "", **kw: Any) -> SftpRule:
     opts: dict[str, Any] = {"identity": fs.client_key, "known_hosts": fs.known_hosts,
                             "connect_timeout": 5, "login_timeout": 5, **_current}
     opts.update(kw)
-    return DestinationRule(name="faulty", url=fs.url(rel), **opts)
+    return SftpRule(name="faulty", url=fs.url(rel), **opts)
 
 
 @pytest.fixture
@@ -78,9 +79,9 @@ def payload(tmp_path: Path, size: int, name: str = "src.bin") -> tuple[Path, byt
 
 
 async def deliver(dest: SftpDestination, src: Path, target: str) -> Any:
-    staged = await dest.stage(src, target, (), 0, lambda n: None)
-    await dest.commit(staged)
-    await dest.put_signal(target + ".sha256", f"{staged.digests['sha256']}\n".encode())
+    staged = await write_to(dest, src, target)
+    assert await dest.commit(staged)
+    await dest.announce(target + ".sha256", f"{staged.digests['sha256']}\n".encode())
     return staged
 
 
@@ -110,16 +111,16 @@ def test_stage_commit_signal_roundtrip(tmp_path: Path, sshd: Sshd,  # noqa: F811
     temporary or probe file is left behind."""
     src, data = payload(tmp_path, 3 * 261120 + 12345)
     dest = open_destination(rule_for(sshd, sftp_dir))
-    assert isinstance(dest, SftpDestination) and dest.can_resume
+    assert isinstance(dest, SftpDestination) and dest.abilities.resume_offset
     seen: list[int] = []
 
     async def go() -> Any:
         try:
-            staged = await dest.stage(src, "a/b/c.bin", ("md5",), 0, seen.append)
+            staged = await write_to(dest, src, "a/b/c.bin", ("md5",), progress=seen.append)
             assert not (sftp_dir / "a/b/c.bin").exists()
             assert (sftp_dir / "a/b/.c.bin.tmp").read_bytes() == data
-            await dest.commit(staged)
-            await dest.put_signal("a/b/c.bin.sha256", b"sig\n")
+            assert await dest.commit(staged)
+            await dest.announce("a/b/c.bin.sha256", b"sig\n")
             return staged
         finally:
             await dest.close()
@@ -287,7 +288,7 @@ def test_vanished_source(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  #
 
     async def go() -> None:
         try:
-            await dest.stage(tmp_path / "gone", "x", (), 0, lambda n: None)
+            await write_to(dest, tmp_path / "gone", "x")
         finally:
             await dest.close()
 
@@ -303,7 +304,7 @@ def test_readback_verify_and_discard(tmp_path: Path, sshd: Sshd,  # noqa: F811
 
     async def go() -> Any:
         try:
-            staged = await dest.stage(src, "r.bin", (), 0, lambda n: None)
+            staged = await write_to(dest, src, "r.bin")
             assert (sftp_dir / ".r.bin.tmp").read_bytes() == data
             await dest.discard(staged.tmp)
             await dest.discard(staged.tmp)
@@ -317,16 +318,16 @@ def test_readback_verify_and_discard(tmp_path: Path, sshd: Sshd,  # noqa: F811
 
 
 @once
-def test_finish_commit_after_crash(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
-    """finish_commit renames a leftover temporary, and reports an already-renamed file."""
+def test_commit_after_crash(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
+    """commit renames a leftover temporary, and reports an already-renamed file."""
     (sftp_dir / ".f.tmp").write_bytes(b"done")
     dest = SftpDestination(rule_for(sshd, sftp_dir))
 
     async def go() -> tuple[bool, bool, bool]:
         try:
-            first = await dest.finish_commit("f", ".f.tmp")
-            again = await dest.finish_commit("f", ".f.tmp")
-            neither = await dest.finish_commit("g", ".g.tmp")
+            first = await dest.commit(Staged("f", ".f.tmp", 4))
+            again = await dest.commit(Staged("f", ".f.tmp", 4))
+            neither = await dest.commit(Staged("g", ".g.tmp", 4))
             return first, again, neither
         finally:
             await dest.close()
@@ -343,10 +344,10 @@ def test_staging_folder_temp(tmp_path: Path, sshd: Sshd, sftp_dir: Path) -> None
 
     async def go() -> Any:
         try:
-            staged = await dest.stage(src, "d/s.bin", (), 0, lambda n: None)
+            staged = await write_to(dest, src, "d/s.bin")
             assert staged.tmp == ".relay-staging/d%2Fs.bin.tmp"
             assert (sftp_dir / staged.tmp).exists()
-            await dest.commit(staged)
+            assert await dest.commit(staged)
         finally:
             await dest.close()
 
@@ -395,18 +396,18 @@ def test_without_posix_rename_fail_policy_keeps_old(tmp_path: Path,
 @pytest.mark.parametrize("posix", [True, False])
 def test_a_missing_temporary_never_costs_the_file_in_place(
         faulty: FaultServer, posix: bool) -> None:
-    """publish and finish_commit rename at once; when the temporary is gone they report
-    whether the final name holds a file, and never remove it — also without posix-rename,
-    where replacing means removing the old file first."""
+    """commit renames at once; when the temporary is gone it reports whether the final
+    name holds a file, and never removes it — also without posix-rename, where replacing
+    means removing the old file first."""
     faulty.faults.no_posix_rename = not posix
     (faulty.root / "t").write_bytes(b"in place")
     dest = SftpDestination(fault_rule(faulty))
 
     async def go() -> tuple[bool, bool, bool]:
         try:
-            return (await dest.publish("t", ".t.tmp", [("t.sha256", b"x  t\n")]),
-                    await dest.finish_commit("t", ".t.tmp"),
-                    await dest.publish("u", ".u.tmp", []))
+            return (await dest.commit(Staged("t", ".t.tmp", 8), [("t.sha256", b"x  t\n")]),
+                    await dest.commit(Staged("t", ".t.tmp", 8)),
+                    await dest.commit(Staged("u", ".u.tmp", 8)))
         finally:
             await dest.close()
 
@@ -436,12 +437,12 @@ def test_concurrency_limit_honoured(tmp_path: Path, faulty: FaultServer) -> None
 
 
 def _proxied_rule(tmp_path: Path, sshd: Sshd, proxy: TcpProxy, root: Path,  # noqa: F811
-                  **kw: Any) -> DestinationRule:
+                  **kw: Any) -> SftpRule:
     kh = tmp_path / "kh"
     kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
     opts: dict[str, Any] = {"name": "p", "identity": sshd.client_key, "known_hosts": kh,
                             **_current, **kw}
-    return DestinationRule(url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}{root}", **opts)
+    return SftpRule(url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}{root}", **opts)
 
 
 def test_many_files_share_one_pooled_connection(tmp_path: Path, sshd: Sshd,  # noqa: F811
@@ -532,8 +533,8 @@ def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # 
 def test_idle_timeout_zero_keeps_the_connection(tmp_path: Path, sshd: Sshd,  # noqa: F811
                                                 sftp_dir: Path) -> None:  # noqa: F811
     """``idle_timeout: 0`` never closes it; durations parse like the other timeouts."""
-    assert DestinationRule(name="p", url="sftp://u@h/x", idle_timeout="5m").idle_timeout == 300
-    assert DestinationRule(name="p", url="sftp://u@h/x").idle_timeout == 300
+    assert SftpRule(name="p", url="sftp://u@h/x", idle_timeout="5m").idle_timeout == 300
+    assert SftpRule(name="p", url="sftp://u@h/x").idle_timeout == 300
     src, _ = payload(tmp_path, 100)
     dest = SftpDestination(rule_for(sshd, sftp_dir, idle_timeout=0))
 
@@ -557,7 +558,7 @@ def test_reconnects_after_connection_loss(tmp_path: Path, faulty: FaultServer) -
             await dest.start()
             faulty.faults.drop_after = 500_000
             with pytest.raises(RetryableError) as lost:
-                await dest.stage(src, "r.bin", (), 0, lambda n: None)
+                await write_to(dest, src, "r.bin")
             assert "connection lost" in str(lost.value).lower()
             await deliver(dest, src, "r.bin")
         finally:
@@ -581,7 +582,7 @@ def test_stalled_server_is_aborted_by_watchdog(tmp_path: Path, faulty: FaultServ
             loop = asyncio.get_running_loop()
             t0 = loop.time()
             with pytest.raises(RetryableError):
-                await dest.stage(src, "s.bin", (), 0, lambda n: None)
+                await write_to(dest, src, "s.bin")
             return loop.time() - t0
         finally:
             await dest.close()
@@ -659,8 +660,8 @@ def test_large_upload_is_flushed_early_beside_the_writes(
 
     async def stage(dest: SftpDestination, target: str) -> Any:
         try:
-            staged = await dest.stage(src, target, (), 0, lambda n: None)
-            await dest.commit(staged)
+            staged = await write_to(dest, src, target)
+            assert await dest.commit(staged)
             return staged
         finally:
             await dest.close()

@@ -11,15 +11,15 @@ import asyncssh
 import pytest
 
 from relay.destinations.sftp.keys import identity_problem
-from relay.rules import DestinationRule
+from relay.destinations.sftp.rule import SftpRule
 from tests.helpers import RELAY, relay_env, write_rules
 from tests.sshd_server import make_key
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def _rule(key: Path, transport: str) -> DestinationRule:
-    return DestinationRule(name="p", url="sftp://u@h/in", identity=key,  # type: ignore[arg-type]
+def _rule(key: Path, transport: str) -> SftpRule:
+    return SftpRule(name="p", url="sftp://u@h/in", identity=key,  # type: ignore[arg-type]
                            transport=transport)
 
 

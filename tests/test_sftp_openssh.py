@@ -25,21 +25,21 @@ from relay.destinations.sftp import openssh as sftp_openssh
 from relay.destinations.sftp.destination import SftpDestination
 from relay.destinations.sftp.openssh import OpensshLink, _spawn
 from relay.destinations.sftp.openssh_login import ssh_options
+from relay.destinations.sftp.rule import SftpRule
 from relay.errors import PermanentError, RetryableError
-from relay.rules import DestinationRule
-from tests.helpers import start_error
+from tests.helpers import start_error, write_to
 from tests.sshd_server import Sshd, make_key, sftp_dir, sshd  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def rule(server: Sshd, root: Path, **kw: object) -> DestinationRule:
+def rule(server: Sshd, root: Path, **kw: object) -> SftpRule:
     opts: dict[str, object] = {"identity": server.client_key,
                                "known_hosts": server.known_hosts, "transport": "openssh",
                                "connect_timeout": 5, "login_timeout": 5}
     opts.update(kw)
-    return DestinationRule(name="partner", url=server.url(root), **opts)  # type: ignore[arg-type]
+    return SftpRule(name="partner", url=server.url(root), **opts)  # type: ignore[arg-type]
 
 
 def _alive(pid: int) -> bool:
@@ -64,17 +64,17 @@ def test_rule_needs_a_way_to_log_in(tmp_path: Path) -> None:
     error at load time; a password alone is enough."""
     base = {"name": "p", "url": "sftp://u@h/in", "transport": "openssh"}
     with pytest.raises(ValidationError, match="needs `identity`"):
-        DestinationRule(**base)  # type: ignore[arg-type]
+        SftpRule(**base)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="passphrase_secret unlocks `identity`"):
-        DestinationRule(**base, password_secret="pw", passphrase_secret="pp")  # type: ignore[arg-type]
-    assert DestinationRule(**base, password_secret="pw").identity is None  # type: ignore[arg-type]
-    DestinationRule(**base, identity=tmp_path / "k", passphrase_secret="pp")  # type: ignore[arg-type]
+        SftpRule(**base, password_secret="pw", passphrase_secret="pp")  # type: ignore[arg-type]
+    assert SftpRule(**base, password_secret="pw").identity is None  # type: ignore[arg-type]
+    SftpRule(**base, identity=tmp_path / "k", passphrase_secret="pp")  # type: ignore[arg-type]
 
 
 def test_ssh_is_told_everything_and_reads_nothing_else(tmp_path: Path) -> None:
     """No ssh config, agent or default keys; strict host keys from the rule's file only;
     keepalives and the connect timeout from the rule; AES-GCM preferred."""
-    opts = ssh_options(DestinationRule(
+    opts = ssh_options(SftpRule(
         name="p", url="sftp://u@h:2222/in", transport="openssh", identity=tmp_path / "k",
         known_hosts=tmp_path / "kh", keepalive_interval=7, connect_timeout=3), 2222)
     joined = " ".join(opts)
@@ -94,11 +94,11 @@ def test_secrets_allow_one_prompt_and_stay_off_the_command_line(tmp_path: Path) 
     key authentication off (no default keys); the secrets' names, not values, are in the
     rule, and nothing of them is in ssh's arguments."""
     base: dict[str, Any] = {"name": "p", "url": "sftp://u@h:2222/in", "transport": "openssh"}
-    opts = ssh_options(DestinationRule(**base, identity=tmp_path / "k",
+    opts = ssh_options(SftpRule(**base, identity=tmp_path / "k",
                                        passphrase_secret="pp"), 2222)
     assert "BatchMode=no" in opts and "NumberOfPasswordPrompts=1" in opts
     assert "PasswordAuthentication=no" in opts and "-i" in opts
-    opts = ssh_options(DestinationRule(**base, password_secret="pw"), 2222)
+    opts = ssh_options(SftpRule(**base, password_secret="pw"), 2222)
     assert "BatchMode=no" in opts and "PasswordAuthentication=yes" in opts
     assert "KbdInteractiveAuthentication=yes" in opts
     assert "-i" not in opts and "PubkeyAuthentication=no" in opts
@@ -276,11 +276,11 @@ from pathlib import Path
 from typing import Any
 from relay.destinations.sftp.destination import SftpDestination
 from relay.logs import configure
-from relay.rules import DestinationRule
+from relay.destinations.sftp.rule import SftpRule
 
 async def main():
     configure("warning", "json")
-    rule = DestinationRule(name="p", url=sys.argv[1], identity=Path(sys.argv[2]),
+    rule = SftpRule(name="p", url=sys.argv[1], identity=Path(sys.argv[2]),
                            known_hosts=Path(sys.argv[3]), transport="openssh")
     dest = SftpDestination(rule)
     await dest.start()
@@ -337,16 +337,16 @@ def test_ssh_processes_die_with_a_sigkilled_relay(sshd: Sshd, sftp_dir: Path) ->
 
 def test_sub_second_keepalive_is_not_turned_off(tmp_path: Path) -> None:
     """ssh takes whole seconds: 0.25 s becomes 1 s, not 0 (which would disable it)."""
-    opts = ssh_options(DestinationRule(
+    opts = ssh_options(SftpRule(
         name="p", url="sftp://u@h/in", transport="openssh", identity=tmp_path / "k",
         keepalive_interval=0.25, connect_timeout=0.5), 22)
     assert "ServerAliveInterval=1" in opts and "ConnectTimeout=1" in opts
-    off = ssh_options(DestinationRule(name="p", url="sftp://u@h/in", transport="openssh",
+    off = ssh_options(SftpRule(name="p", url="sftp://u@h/in", transport="openssh",
                                       identity=tmp_path / "k", keepalive_interval=0), 22)
     assert "ServerAliveInterval=0" in off
 
 
-def _start_failure(r: DestinationRule) -> tuple[Exception, float]:
+def _start_failure(r: SftpRule) -> tuple[Exception, float]:
     """start_error() and how long it took."""
     t0 = time.monotonic()
     exc = start_error(SftpDestination(r))
@@ -420,7 +420,7 @@ def test_ssh_errors_become_relay_errors(tmp_path: Path, stderr: str, kind: type,
 
     from relay.destinations.sftp.openssh_login import refusal
 
-    r = DestinationRule(name="p", url="sftp://u@h/in", transport="openssh",
+    r = SftpRule(name="p", url="sftp://u@h/in", transport="openssh",
                         identity=tmp_path / "k")
     proc: Any = SimpleNamespace(errors=lambda: ["OpenSSH_9.2p1, OpenSSL 3.0",
                                                 *stderr.splitlines()])
@@ -441,8 +441,8 @@ def test_a_server_allowing_fewer_sessions_gets_fewer_channels(tmp_path: Path) ->
 
         async def go() -> int:
             try:
-                staged = await dest.stage(src, "f", (), 0, lambda n: None)
-                await dest.commit(staged)
+                staged = await write_to(dest, src, "f")
+                assert await dest.commit(staged)
                 return int(dest.capabilities["channels"])  # type: ignore[call-overload]
             finally:
                 await dest.close()
@@ -492,7 +492,7 @@ def test_a_lost_connection_is_collected_by_close(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.write_bytes(os.urandom(2_000_000))
     with fault_server(tmp_path / "fault", key) as fs:
-        dest = SftpDestination(DestinationRule(
+        dest = SftpDestination(SftpRule(
             name="f", url=fs.url(""), identity=fs.client_key, known_hosts=fs.known_hosts,
             transport="openssh", connect_timeout=5, login_timeout=5))
 
@@ -501,7 +501,7 @@ def test_a_lost_connection_is_collected_by_close(tmp_path: Path) -> None:
                 await dest.start()
                 fs.faults.drop_after = 500_000
                 try:
-                    await dest.stage(src, "r.bin", (), 0, lambda n: None)
+                    await write_to(dest, src, "r.bin")
                 except RetryableError as exc:  # not kept: its traceback holds the link
                     return str(exc)
                 return "no error"

@@ -16,10 +16,10 @@ from structlog.testing import capture_logs
 
 from relay.destinations.base import Staged
 from relay.destinations.sftp.destination import SftpDestination
+from relay.destinations.sftp.rule import SftpRule
 from relay.errors import RetryableError
-from relay.rules import DestinationRule
 from tests.fault_sftp import FaultServer, fault_server
-from tests.helpers import RelayProc, drop, sha256, wait_for, write_rules
+from tests.helpers import RelayProc, drop, sha256, wait_for, write_rules, write_to
 from tests.sshd_server import Sshd, sftp_dir, sshd  # noqa: F401
 from tests.tcp_proxy import TcpProxy
 
@@ -34,8 +34,8 @@ def faulty(tmp_path: Path, sshd: Sshd) -> Iterator[FaultServer]:  # noqa: F811
         yield fs
 
 
-def fault_rule(fs: FaultServer, **kw: Any) -> DestinationRule:
-    return DestinationRule(name="faulty", url=fs.url(), identity=fs.client_key,
+def fault_rule(fs: FaultServer, **kw: Any) -> SftpRule:
+    return SftpRule(name="faulty", url=fs.url(), identity=fs.client_key,
                            known_hosts=fs.known_hosts, connect_timeout=5, login_timeout=5,
                            **kw)
 
@@ -49,7 +49,7 @@ def interrupted(dest: SftpDestination, fs: FaultServer, src: Path, cut: int) -> 
         await dest.start()
         fs.faults.drop_after = cut
         with pytest.raises(RetryableError):
-            await dest.stage(src, "big.bin", (), 0, acks.append)
+            await write_to(dest, src, "big.bin", (), progress=acks.append)
         await dest.close()
 
     asyncio.run(go())
@@ -60,8 +60,8 @@ def interrupted(dest: SftpDestination, fs: FaultServer, src: Path, cut: int) -> 
 def again(dest: SftpDestination, src: Path, acked: int) -> Staged:
     async def go() -> Staged:
         try:
-            staged = await dest.stage(src, "big.bin", (), acked, lambda n: None)
-            await dest.commit(staged)
+            staged = await write_to(dest, src, "big.bin", (), acked=acked)
+            assert await dest.commit(staged)
             return staged
         finally:
             await dest.close()
@@ -100,7 +100,7 @@ def test_resume_through_cutting_proxy_to_real_sshd(tmp_path: Path, sshd: Sshd,  
     with TcpProxy(sshd.host, sshd.port, cut_after=30 * MB) as proxy:
         kh = tmp_path / "kh"
         kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
-        rule = DestinationRule(name="p", url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}"
+        rule = SftpRule(name="p", url=f"sftp://{sshd.user}@127.0.0.1:{proxy.port}"
                                f"{sftp_dir}", identity=sshd.client_key, known_hosts=kh,
                                transport=transport)
         dest = SftpDestination(rule)
@@ -109,7 +109,7 @@ def test_resume_through_cutting_proxy_to_real_sshd(tmp_path: Path, sshd: Sshd,  
         async def first() -> None:
             try:
                 with pytest.raises(RetryableError):
-                    await dest.stage(src, "big.bin", (), 0, acks.append)
+                    await write_to(dest, src, "big.bin", (), progress=acks.append)
             finally:
                 await dest.close()  # the lost connection's sockets and processes collected
 
@@ -179,7 +179,7 @@ def test_short_or_missing_temporary(tmp_path: Path, sshd: Sshd, sftp_dir: Path) 
     src = tmp_path / "big.bin"
     src.write_bytes(data)
     (sftp_dir / ".big.bin.tmp").write_bytes(data[:1000])
-    rule = DestinationRule(name="p", url=sshd.url(sftp_dir), identity=sshd.client_key,
+    rule = SftpRule(name="p", url=sshd.url(sftp_dir), identity=sshd.client_key,
                            known_hosts=sshd.known_hosts)
     staged = again(SftpDestination(rule), src, 5000)
     assert staged.fallbacks == 1 and (sftp_dir / "big.bin").read_bytes() == data
@@ -194,7 +194,7 @@ def test_readback_prefix_mismatch_falls_back(tmp_path: Path, sshd: Sshd,  # noqa
     data = os.urandom(2 * MB)
     src = tmp_path / "big.bin"
     src.write_bytes(data)
-    rule = DestinationRule(name="p", url=sshd.url(sftp_dir), identity=sshd.client_key,
+    rule = SftpRule(name="p", url=sshd.url(sftp_dir), identity=sshd.client_key,
                            known_hosts=sshd.known_hosts, verify="readback")
     bad = bytearray(data[:MB])
     bad[12345] ^= 0xFF

@@ -14,7 +14,8 @@ import pytest
 import relay.destinations.local as local
 import relay.destinations.local_copy as local_copy
 import relay.writeback as writeback
-from relay.rules import DestinationRule
+from relay.destinations.local import LocalRule
+from tests.helpers import write_to
 
 MiB = 1024 * 1024
 
@@ -70,13 +71,13 @@ def test_large_local_copies_start_writeback_of_hashed_windows(
     data = os.urandom(20 * MiB + 5)
     (tmp_path / "src").write_bytes(data)
     (tmp_path / "out").mkdir()
-    dest = local.LocalDestination(DestinationRule(name="o", url=f"file://{tmp_path / 'out'}",
+    dest = local.LocalDestination(LocalRule(name="o", url=f"file://{tmp_path / 'out'}",
                                                   fsync=fsync))
 
     async def go() -> str:
-        staged = await dest.stage(tmp_path / "src", "big.bin", (), 0, lambda n: None)
-        await dest.commit(staged)
-        return staged.digests["sha256"]
+        staged = await write_to(dest, tmp_path / "src", "big.bin")
+        assert await dest.commit(staged)
+        return staged.sha256
 
     assert asyncio.run(go()) == hashlib.sha256(data).hexdigest()
     assert (tmp_path / "out" / "big.bin").read_bytes() == data

@@ -1,7 +1,9 @@
 """``file://`` destinations: a directory on a local (or mounted) filesystem.
 
 Stream + hash into ``.X.tmp`` → fsync file → rename(2) → fsync directory. Library errors
-(OSError) are translated here, once, into the relay error tree.
+(OSError) are translated here, once, into the relay error tree. The work is plain
+blocking calls (:class:`relay.destinations.base.Blocking`): the scheduler
+(:mod:`relay.hops`) runs small files' calls grouped, in helper processes or on threads.
 """
 
 from __future__ import annotations
@@ -11,32 +13,51 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Coroutine, Iterator
+import threading
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from relay.coalesce import Coalescer
-from relay.destinations.base import Progress, Staged, temp_name
+from pydantic import Field, field_validator
+
+from relay.destinations.base import (
+    Abilities,
+    Backend,
+    CheckContext,
+    FolderRule,
+    Problem,
+    Progress,
+    Staged,
+    Transfer,
+)
 from relay.destinations.local_copy import copy_hashed, write_all
 from relay.errors import (
     PermanentError,
     RetryableError,
     SignalFailed,
-    SourceVanished,
     TransferError,
     UnsafePathError,
 )
-from relay.file_workers import WORKERS
-from relay.hashing import MultiHash
-from relay.rules import DestinationRule
 
-__all__ = ["LocalDestination", "file_url_root"]
+if TYPE_CHECKING:
+    from relay.payload import Payload
 
-# Sources up to this size are staged in coalesced hops (relay.coalesce): a few ms of work
-# at most, so a batch-mate waits little; larger ones get a thread hop of their own.
-_COALESCE_UP_TO = 256 * 1024
+__all__ = ["BACKEND", "LocalDestination", "LocalRule", "file_url_root"]
+
+
+class LocalRule(FolderRule):
+    """``url: file:///abs/dir`` (or ``file:relative/dir``, relative to the working folder)."""
+
+    url: str = Field(json_schema_extra={"pattern": "^file:"})
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not urlsplit(v).path:
+            raise ValueError("file:// URL needs a path")
+        return v
 
 
 def file_url_root(url: str) -> Path:
@@ -61,13 +82,15 @@ def _translate(what: str) -> Iterator[None]:
         raise RetryableError(f"{what}: {reason}") from exc
 
 
-def _no_progress(_: int) -> None:
-    return None
+_BUILT: dict[str, LocalDestination] = {}  # in a helper process: one per rule
 
 
 def _rebuild(key: str) -> LocalDestination:
-    """In a helper process: the destination of this rule (its JSON)."""
-    return LocalDestination(DestinationRule.model_validate_json(key))
+    """A destination sent to a helper process arrives as its rule: built once there."""
+    dest = _BUILT.get(key)
+    if dest is None:
+        dest = _BUILT[key] = LocalDestination(LocalRule.model_validate_json(key))
+    return dest
 
 
 def _fsync_dir(path: Path) -> None:
@@ -81,30 +104,35 @@ def _fsync_dir(path: Path) -> None:
 class LocalDestination:
     """A directory tree reached through the local filesystem."""
 
-    def __init__(self, rule: DestinationRule) -> None:
+    abilities = Abilities()  # a local partial is cheap to rewrite: never resumed
+
+    def __init__(self, rule: LocalRule) -> None:
         self.name = rule.name
         self.rule = rule
         self.root = file_url_root(rule.url).absolute()
-        # Small files' hops run in a helper process when relay started some
-        # (relay/file_workers.py), else on threads; the key rebuilds us there.
-        self._calls = Coalescer(elsewhere=self._elsewhere)
         self._key = rule.model_dump_json()
 
-    def _elsewhere(self, batch: list[Any]
-                   ) -> Coroutine[Any, Any, list[tuple[bool, Any]]] | None:
-        if not WORKERS.active or any(getattr(fn, "__self__", None) is not self
-                                     for fn, _, _ in batch):
-            return None
-        return WORKERS.run(self._key, _rebuild, [(fn.__name__, args) for fn, args, _ in batch])
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        # Sent to a helper process (relay.file_workers) as its rule, rebuilt there once.
+        return _rebuild, (self._key,)
 
     async def start(self) -> None:
+        await self.ping()
+
+    async def ping(self) -> None:
         with _translate(f"destination root {self.root}"):
             st = os.stat(self.root)
-        if not os.path.isdir(self.root):
-            raise PermanentError(f"destination root {self.root} is not a directory ({st})")
+        if not stat.S_ISDIR(st.st_mode):
+            raise PermanentError(f"destination root {self.root} is not a directory")
 
     async def close(self) -> None:
         return None
+
+    def describe(self) -> dict[str, object]:
+        return {"root": str(self.root), "writable": os.access(self.root, os.W_OK)}
+
+    def temporary(self, target: str) -> str:
+        return self.rule.temporary(target)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -177,56 +205,60 @@ class LocalDestination:
                 _fsync_dir(m.parent)
 
     def _create(self, path: Path, mode: int) -> int:
-        """Open ``path`` created and truncated. Its folder is made only when the open
-        says it is missing (two stats fewer per file than asking first)."""
-        flags = mode | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
-        try:
-            return os.open(path, flags, 0o644)
-        except FileNotFoundError:
-            self._makedirs(path.parent)
+        """Create ``path`` as a new file. A leftover of that name (an earlier attempt's,
+        perhaps still being written by a copy that was abandoned on its thread) is
+        unlinked first, never reopened: each attempt writes an inode of its own. Its
+        folder is made only when the open says it is missing (two stats fewer per file
+        than asking first)."""
+        flags = mode | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+        for _ in range(3):
+            try:
+                return os.open(path, flags, 0o644)
+            except FileNotFoundError:
+                self._makedirs(path.parent)
+            except FileExistsError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
         return os.open(path, flags, 0o644)
 
     # -- protocol ----------------------------------------------------------------------
 
-    async def stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
-                    progress: Progress) -> Staged:
+    async def write(self, payload: Payload, target: str, tmp: str,
+                    transfer: Transfer) -> Staged:
+        # The copy runs on a thread, which cancelling this coroutine cannot stop: it is
+        # told to stop at its next progress report (every few MiB) and awaited, so the
+        # payload is never read after write has returned (its file descriptor number may
+        # belong to another file by then).
+        stop = threading.Event()
+
+        def progress(acked: int) -> None:
+            if stop.is_set():
+                raise RetryableError(f"writing {tmp}: abandoned")
+            transfer.progress(acked)
+
+        copy = asyncio.ensure_future(asyncio.to_thread(self.write_blocking, payload, target,
+                                                       tmp, progress))
         try:
-            small = os.stat(src).st_size <= _COALESCE_UP_TO
-        except OSError:
-            small = True  # _stage says what is wrong, in the relay error tree
-        if small:
-            # No progress callback on the way (it may not cross to a helper process): a
-            # small copy reports once, when it is done.
-            staged = await self._calls.run(self._stage_small, src, target, algos, acked)
-            progress(staged.size)
-            return staged
-        return await asyncio.to_thread(self._stage, src, target, algos, acked, progress)
+            return await asyncio.shield(copy)
+        except asyncio.CancelledError:
+            stop.set()
+            await asyncio.wait([copy])
+            if not copy.cancelled():
+                copy.exception()  # retrieved: the caller has gone
+            raise
 
-    def _stage_small(self, src: Path, target: str, algos: tuple[str, ...], acked: int
-                     ) -> Staged:
-        return self._stage(src, target, algos, acked, _no_progress)
-
-    def _stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
-               progress: Progress) -> Staged:
-        tmp = temp_name(self.rule, target)
+    def write_blocking(self, payload: Payload, target: str, tmp: str,
+                       progress: Progress) -> Staged:
         tmp_path, target_path = self._paths(tmp, target)
-        fallbacks = 0
         with _translate(f"staging {target}"):
             if target_path.parent != tmp_path.parent:
                 self._makedirs(target_path.parent)  # a staging folder: the target's too
-            if acked and tmp_path.exists():
-                # A local partial is cheap to rewrite; never trust or append to it.
-                fallbacks = 1
-        try:
-            fd_src = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SourceVanished(f"cannot read source {src}: {exc.strerror}") from exc
         try:
             with _translate(f"writing {tmp}"):
                 fd_dst = self._create(tmp_path, os.O_RDWR)
                 try:
-                    size = copy_hashed(fd_src, fd_dst, MultiHash(algos), progress,
-                                       self.rule.fsync)
+                    size, _ = copy_hashed(payload.fd, fd_dst, payload.hash, progress,
+                                          self.rule.fsync)
                 finally:
                     os.close(fd_dst)
         except BaseException:
@@ -235,17 +267,24 @@ class LocalDestination:
             with contextlib.suppress(TransferError):
                 self._unlink(tmp_path)
             raise
-        finally:
-            os.close(fd_src)
-        size_, digests = size
-        return Staged(target=target, tmp=tmp, size=size_, digests=digests, fallbacks=fallbacks)
+        return Staged(target=target, tmp=tmp, size=size)
 
-    async def commit(self, staged: Staged) -> None:
-        await asyncio.to_thread(self._rename, staged.tmp, staged.target)
+    async def commit(self, staged: Staged, announcements: Sequence[tuple[str, bytes]] = ()
+                     ) -> bool:
+        return await asyncio.to_thread(self.commit_blocking, staged, announcements)
 
-    def _rename(self, tmp: str, target: str) -> None:
-        src, dst = self._paths(tmp, target)
-        self._rename_paths(src, dst, target)
+    def commit_blocking(self, staged: Staged, announcements: Sequence[tuple[str, bytes]]
+                        ) -> bool:
+        if not self._rename_or_find(staged.tmp, staged.target):
+            return False
+        try:
+            for name, data in announcements:
+                # Beside the payload: its folder (and its temporaries') has just been
+                # checked and exists.
+                self._put_small(name, data, checked=True)
+        except RetryableError as exc:
+            raise SignalFailed(str(exc)) from exc
+        return True
 
     def _rename_paths(self, src: Path, dst: Path, target: str) -> None:
         with _translate(f"renaming onto {target}"):
@@ -255,9 +294,10 @@ class LocalDestination:
                 if src.parent != dst.parent:
                     _fsync_dir(src.parent)
 
-    def _commit(self, tmp: str, target: str) -> bool:
+    def _rename_or_find(self, tmp: str, target: str) -> bool:
         """Rename at once (no exists() first); if the temporary is gone (renamed before a
-        crash, or removed): whether the final name holds a file."""
+        crash): whether the final name holds a file. Only relay writes its temporaries,
+        and only the rename removes one without removing its journal row's file."""
         tmp_path, target_path = self._paths(tmp, target)
         try:
             self._rename_paths(tmp_path, target_path, target)
@@ -267,31 +307,13 @@ class LocalDestination:
             return target_path.exists()
         return True
 
-    async def finish_commit(self, target: str, tmp: str) -> bool:
-        return await asyncio.to_thread(self._commit, tmp, target)
-
-    async def put_signal(self, target: str, data: bytes) -> None:
+    async def announce(self, target: str, data: bytes) -> None:
         await asyncio.to_thread(self._put_small, target, data)
-
-    async def publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
-        return await self._calls.run(self._publish, target, tmp, signals)
-
-    def _publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
-        if not self._commit(tmp, target):
-            return False
-        try:
-            for name, data in signals:
-                # Beside the payload: its folder (and its temporaries') has just been
-                # checked and exists.
-                self._put_small(name, data, checked=True)
-        except RetryableError as exc:
-            raise SignalFailed(str(exc)) from exc
-        return True
 
     def _put_small(self, target: str, data: bytes, checked: bool = False) -> None:
         """Write ``target`` via its temporary. ``checked``: its folder and its temporary's
         were checked (inside the root) and made a moment ago."""
-        tmp = temp_name(self.rule, target)
+        tmp = self.rule.temporary(target)
         tmp_path, target_path = ((self.root / tmp, self.root / target) if checked
                                  else self._paths(tmp, target))
         with _translate(f"writing signal {target}"):
@@ -311,13 +333,19 @@ class LocalDestination:
         self._rename_paths(tmp_path, target_path, target)
 
     async def has_identical(self, target: str, data: bytes) -> bool:
-        """Is ``target`` already a regular file holding exactly ``data``?"""
         def _same() -> bool:
             try:
-                with open(self._path(target), "rb") as f:
-                    return f.read(len(data) + 1) == data
+                fd = os.open(self._path(target), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except (OSError, PermanentError):
+                return False
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    return False
+                return os.read(fd, len(data) + 1) == data
             except OSError:
                 return False
+            finally:
+                os.close(fd)
 
         return await asyncio.to_thread(_same)
 
@@ -332,3 +360,20 @@ class LocalDestination:
             pass
         except OSError as exc:
             raise RetryableError(f"cannot remove temporary {path}: {exc.strerror}") from exc
+
+
+def _conflicts(rule: LocalRule, ctx: CheckContext) -> list[Problem]:
+    """A folder inside a source: relay would forward its own output."""
+    root = file_url_root(rule.url).absolute().resolve()
+    out: list[Problem] = []
+    for s in ctx.sources:
+        src = s.path.absolute().resolve()
+        if root == src or src in root.parents:
+            out.append(("url", f"{root} is inside source {s.name} ({src}): relay would "
+                        "forward its own output"))
+    return out
+
+
+BACKEND = Backend(scheme="file", rule=LocalRule, open=lambda rule, _secrets: LocalDestination(rule),
+                  conflicts=_conflicts, helpers=True,
+                  summary="a folder on a local or mounted filesystem")

@@ -9,11 +9,11 @@ files move over it at once, each as pipelined write requests on the least busy c
 On first connect the server is probed
 (:mod:`relay.destinations.sftp.probe`) and the delivery path uses what it found:
 
-    stage:  upload to the hidden temporary, hashing as it goes → fsync@openssh.com
+    write:  upload to the hidden temporary, hashing as it goes → fsync@openssh.com
             → size check → optional read-back digest
     commit: posix-rename@openssh.com onto the final name (without it: plain rename, and
             if the name exists, ``overwrite: fail`` refuses while ``replace`` removes then
-            renames, logging a warning; never silently)
+            renames, logging a warning; never silently), then the announcements
 
 Resume: with ``acked`` > 0 the temporary is reopened without truncation, its size checked
 against ``acked`` (and its prefix digest with ``verify: readback``) and the upload continues
@@ -33,23 +33,24 @@ import asyncio
 import contextlib
 import os
 import posixpath
+from collections.abc import Sequence
 from pathlib import Path
 
 import asyncssh
 
-from relay.destinations.base import Progress, Staged, temp_name
+from relay.destinations.base import Abilities, Progress, Staged, Transfer
 from relay.destinations.sftp.errors import unsupported
-from relay.destinations.sftp.io import hash_prefix, read_hash, upload
+from relay.destinations.sftp.io import read_hash, upload
 from relay.destinations.sftp.pool import Pool
+from relay.destinations.sftp.rule import SftpRule
 from relay.destinations.sftp.session import (
     EarlyFlush,
     Session,
     parse_sftp_url,
 )
-from relay.errors import PermanentError, RetryableError, SignalFailed, SourceVanished
-from relay.hashing import MultiHash
+from relay.errors import PermanentError, RetryableError, SignalFailed, UnsafePathError
 from relay.logs import get_logger
-from relay.rules import DestinationRule
+from relay.payload import Payload
 
 __all__ = ["SftpDestination", "parse_sftp_url"]
 
@@ -64,10 +65,9 @@ PIECES_PER_BLOCK = 8   # source read + hashed per thread hop: 8 x the write limi
 class SftpDestination:
     """A folder on an SFTP server, reached over one pooled SSH connection (pool.py)."""
 
-    def __init__(self, rule: DestinationRule, secrets_dir: Path | None = None) -> None:
+    def __init__(self, rule: SftpRule, secrets_dir: Path | None = None) -> None:
         self.name = rule.name
         self.rule = rule
-        self.can_resume = True
         self.pool = Pool(rule, secrets_dir)
         self.root = self.pool.root
 
@@ -77,25 +77,59 @@ class SftpDestination:
         return self.pool.capabilities
 
     @property
+    def abilities(self) -> Abilities:
+        """Resume and atomic replace as the probe found them; before the first connection,
+        what most servers do (the write re-checks before it resumes)."""
+        caps = self.pool.capabilities
+        return Abilities(resume_offset=bool(caps.get("resume", True)),
+                         atomic_replace=bool(caps.get("posix_rename", True)))
+
+    def describe(self) -> dict[str, object]:
+        return dict(self.pool.capabilities)
+
+    def temporary(self, target: str) -> str:
+        return self.rule.temporary(target)
+
+    @property
     def connections(self) -> int:
         """Successful logins so far (one per reconnect)."""
         return self.pool.connections
 
     def _path(self, rel: str) -> str:
-        return posixpath.join(self.root, rel)
+        """``rel`` under the root. The pipeline only renders safe relative names; one that
+        would leave the root anyway is refused here too."""
+        norm = posixpath.normpath(rel)
+        if rel.startswith("/") or norm == ".." or norm.startswith("../") or "\0" in rel:
+            raise PermanentError(str(UnsafePathError(f"{rel!r} would leave the destination "
+                                                     f"root {self.root}")))
+        return posixpath.join(self.root, norm)
 
     async def _makedirs(self, s: Session, sftp: asyncssh.SFTPClient, d: str) -> None:
-        """Create missing folders below the root (never the root itself)."""
-        if d in s.dirs or d == self.root:
+        """Create missing folders below the root (never the root itself), checking each
+        folder on the way once per connection: one that is a symlink must resolve inside
+        the root (the server would follow it out of it)."""
+        if d in s.dirs or d == self.root or not d.startswith(self.root.rstrip("/") + "/"):
             return
+        parent = posixpath.dirname(d)
+        if parent not in ("", d):
+            await self._makedirs(s, sftp, parent)
         try:
-            await sftp.stat(d)
+            attrs = await sftp.lstat(d)
         except asyncssh.SFTPNoSuchFile:
-            await self._makedirs(s, sftp, posixpath.dirname(d))
             try:
                 await sftp.mkdir(d)
             except asyncssh.SFTPError:
-                await sftp.stat(d)  # made by a concurrent upload; else this raises
+                attrs = await sftp.lstat(d)  # made by a concurrent upload; else this raises
+            else:
+                s.dirs.add(d)
+                return
+        if attrs.type == asyncssh.FILEXFER_TYPE_SYMLINK:
+            if s.real_root is None:
+                s.real_root = await sftp.realpath(self.root)
+            real = await sftp.realpath(d)
+            if real != s.real_root and not real.startswith(s.real_root.rstrip("/") + "/"):
+                raise PermanentError(str(UnsafePathError(
+                    f"{d} is a symlink to {real}, outside the destination root")))
         s.dirs.add(d)
 
     # -- protocol ----------------------------------------------------------------------
@@ -106,27 +140,23 @@ class SftpDestination:
     async def close(self) -> None:
         await self.pool.close()
 
-    async def stage(self, src: Path, target: str, algos: tuple[str, ...], acked: int,
-                    progress: Progress) -> Staged:
-        tmp = temp_name(self.rule, target)
-        try:
-            fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            raise SourceVanished(f"cannot read source {src}: {exc.strerror}") from exc
-        try:
-            async with self.pool.op(f"uploading {target}") as (s, sftp):
-                await self._makedirs(s, sftp, posixpath.dirname(self._path(tmp)))
-                await self._makedirs(s, sftp, posixpath.dirname(self._path(target)))
-                return await self._stage(s, sftp, fd, tmp, target, algos, acked, progress)
-        finally:
-            os.close(fd)
+    async def ping(self) -> None:
+        async with self.pool.op(f"checking destination root {self.root}") as (_, sftp):
+            await sftp.stat(self.root)
 
-    async def _stage(self, s: Session, sftp: asyncssh.SFTPClient, fd: int, tmp: str,
-                     target: str, algos: tuple[str, ...], acked: int,
-                     progress: Progress) -> Staged:
+    async def write(self, payload: Payload, target: str, tmp: str,
+                    transfer: Transfer) -> Staged:
+        async with self.pool.op(f"uploading {target}") as (s, sftp):
+            await self._makedirs(s, sftp, posixpath.dirname(self._path(tmp)))
+            await self._makedirs(s, sftp, posixpath.dirname(self._path(target)))
+            return await self._write(s, sftp, payload, tmp, target, transfer.resume.acked,
+                                     transfer.progress)
+
+    async def _write(self, s: Session, sftp: asyncssh.SFTPClient, payload: Payload,
+                     tmp: str, target: str, acked: int, progress: Progress) -> Staged:
         path = self._path(tmp)
         fallbacks = 0
-        start, why = ((await self._resume_point(s, sftp, fd, path, acked)) if acked
+        start, why = ((await self._resume_point(s, sftp, payload, path, acked)) if acked
                       else (0, None))
         while True:
             if why is not None:
@@ -136,11 +166,11 @@ class SftpDestination:
             elif start:
                 log.info("transfer_resumed", destination=self.name, tmp=tmp,
                          resumed_from=start)
-            mh = MultiHash(algos)
+            payload.restart()
             if start:
                 with s.idle():
-                    await asyncio.to_thread(hash_prefix, fd, start, mh)
-            total, size, fsynced, early = await self._upload(s, sftp, fd, path, start, mh,
+                    await asyncio.to_thread(payload.hash_prefix, start)
+            total, size, fsynced, early = await self._upload(s, sftp, payload, path, start,
                                                              progress)
             if total >= 0 and size == total:
                 break
@@ -151,25 +181,25 @@ class SftpDestination:
             why = ("server truncated the temporary on open" if total < 0 else
                    f"size {size} after resuming, expected {total}: write offsets ignored")
             start = 0
-        digests = mh.hexdigests()
         if self.rule.verify == "readback":
+            sent = payload.hash.copy().hexdigests()["sha256"]
             async with sftp.open(path, "rb") as f:
                 remote = await read_hash(f, total, on_block=s.touch)
-            if remote["sha256"] != digests["sha256"]:
+            if remote["sha256"] != sent:
                 await sftp.remove(path)
                 raise RetryableError(f"read-back digest of {tmp} is {remote['sha256']}, "
-                                     f"sent {digests['sha256']}: corrupted in transit")
+                                     f"sent {sent}: corrupted in transit")
         progress(total)
-        return Staged(target=target, tmp=tmp, size=total, digests=digests,
-                      resumed_from=start, fallbacks=fallbacks,
+        return Staged(target=target, tmp=tmp, size=total, resumed_from=start,
+                      fallbacks=fallbacks,
                       extra={"fsynced": fsynced, "verified": self.rule.verify,
                              "early_flushes": early})
 
-    async def _resume_point(self, s: Session, sftp: asyncssh.SFTPClient, fd: int,
+    async def _resume_point(self, s: Session, sftp: asyncssh.SFTPClient, payload: Payload,
                             path: str, acked: int) -> tuple[int, str | None]:
         """(offset to continue from, None) or (0, why resuming is not safe). A partial
         that cannot be trusted is removed here."""
-        src_size = os.fstat(fd).st_size
+        src_size = os.fstat(payload.fd).st_size
         why: str | None = None
         try:
             size = (await sftp.stat(path)).size or 0
@@ -187,8 +217,10 @@ class SftpDestination:
             async with sftp.open(path, "rb") as f:
                 remote = await read_hash(f, acked, on_block=s.touch)
             with s.idle():
-                local = await asyncio.to_thread(hash_prefix, fd, acked, MultiHash())
-            if remote["sha256"] != local.hexdigests()["sha256"]:
+                await asyncio.to_thread(payload.hash_prefix, acked)
+            local = payload.hash.hexdigests()["sha256"]
+            payload.restart()  # _write hashes the prefix it keeps again, from zero
+            if remote["sha256"] != local:
                 why = "prefix digest differs from the source"
         if why is not None:
             with contextlib.suppress(asyncssh.SFTPNoSuchFile):
@@ -196,15 +228,15 @@ class SftpDestination:
             return 0, why
         return acked, None
 
-    async def _upload(self, s: Session, sftp: asyncssh.SFTPClient, fd: int, path: str,
-                      start: int, mh: MultiHash, progress: Progress
+    async def _upload(self, s: Session, sftp: asyncssh.SFTPClient, payload: Payload,
+                      path: str, start: int, progress: Progress
                       ) -> tuple[int, int, bool, int]:
-        """Stream fd[start:] into ``path`` (truncating unless resuming), flush it, and
+        """Stream payload[start:] into ``path`` (truncating unless resuming), flush it, and
         return (end offset, remote size, fsynced, early flushes); end is -1 if a resumed
         partial was truncated on open."""
         fsynced = bool(self.rule.fsync and self.capabilities.get("fsync"))
         early = EarlyFlush(s, sftp, path) if (
-            fsynced and os.fstat(fd).st_size - start >= 2 * EarlyFlush.window) else None
+            fsynced and os.fstat(payload.fd).st_size - start >= 2 * EarlyFlush.window) else None
 
         def on_ack(n: int) -> None:
             s.touch()
@@ -217,7 +249,7 @@ class SftpDestination:
                 return -1, 0, False, 0
             write_len = min(sftp.limits.max_write_len, MAX_WRITE)
             try:
-                total = await upload(f, fd, start, mh, write_len=write_len,
+                total = await upload(f, payload, start, write_len=write_len,
                                      pieces_per_block=PIECES_PER_BLOCK,
                                      max_inflight=MAX_INFLIGHT, on_ack=on_ack,
                                      heartbeat=s.touch)
@@ -256,36 +288,30 @@ class SftpDestination:
         await sftp.remove(dst)
         await sftp.rename(src, dst)
 
-    async def commit(self, staged: Staged) -> None:
-        async with self.pool.op(f"renaming onto {staged.target}") as (_, sftp):
-            await self._rename(sftp, staged.tmp, staged.target)
-
-    async def _commit(self, sftp: asyncssh.SFTPClient, tmp: str, target: str) -> bool:
-        """Rename at once (no exists() round trip first); if the temporary is gone (renamed
-        before a crash, or removed): whether the final name holds a file."""
+    async def _rename_or_find(self, sftp: asyncssh.SFTPClient, tmp: str, target: str
+                              ) -> bool:
+        """Rename at once (no exists() round trip first); if the temporary is gone
+        (renamed before a crash): whether the final name holds a file."""
         try:
             await self._rename(sftp, tmp, target)
         except asyncssh.SFTPNoSuchFile:
             return bool(await sftp.exists(self._path(target)))
         return True
 
-    async def finish_commit(self, target: str, tmp: str) -> bool:
-        async with self.pool.op(f"renaming onto {target}") as (_, sftp):
-            return await self._commit(sftp, tmp, target)
-
-    async def publish(self, target: str, tmp: str, signals: list[tuple[str, bytes]]) -> bool:
-        async with self.pool.op(f"renaming onto {target}") as (_, sftp):
-            if not await self._commit(sftp, tmp, target):
+    async def commit(self, staged: Staged, announcements: Sequence[tuple[str, bytes]] = ()
+                     ) -> bool:
+        async with self.pool.op(f"renaming onto {staged.target}") as (_, sftp):
+            if not await self._rename_or_find(sftp, staged.tmp, staged.target):
                 return False
         try:
-            for name, data in signals:
-                await self.put_signal(name, data)
+            for name, data in announcements:
+                await self.announce(name, data)
         except RetryableError as exc:
             raise SignalFailed(str(exc)) from exc
         return True
 
-    async def put_signal(self, target: str, data: bytes) -> None:
-        tmp = temp_name(self.rule, target)
+    async def announce(self, target: str, data: bytes) -> None:
+        tmp = self.rule.temporary(target)
         async with self.pool.op(f"writing signal {target}") as (s, sftp):
             await self._makedirs(s, sftp, posixpath.dirname(self._path(tmp)))
             await self._makedirs(s, sftp, posixpath.dirname(self._path(target)))

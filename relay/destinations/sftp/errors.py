@@ -13,8 +13,8 @@ from collections.abc import Callable, Iterator
 
 import asyncssh
 
+from relay.destinations.sftp.rule import SftpRule
 from relay.errors import PermanentError, RetryableError
-from relay.rules import DestinationRule
 
 __all__ = ["translate", "unsupported"]
 
@@ -26,7 +26,7 @@ def unsupported(exc: BaseException) -> bool:
 
 
 @contextlib.contextmanager
-def translate(what: str, rule: DestinationRule, user: str,
+def translate(what: str, rule: SftpRule, user: str,
               drop: Callable[[], None]) -> Iterator[None]:
     """Raise what the block raised as a relay error that says ``what`` failed."""
     try:

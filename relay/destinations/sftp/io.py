@@ -18,10 +18,10 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol, cast
 
-from relay.errors import SourceVanished
 from relay.hashing import MultiHash
+from relay.payload import Payload
 
-__all__ = ["AckTracker", "RemoteFile", "hash_prefix", "read_hash", "upload"]
+__all__ = ["AckTracker", "RemoteFile", "read_hash", "upload"]
 
 READ_BLOCK = 4 * 1024 * 1024  # read-back request size (asyncssh splits it by the read limit)
 
@@ -57,26 +57,19 @@ class AckTracker:
         return grew
 
 
-def _pread(fd: int, size: int, offset: int) -> bytes:
-    try:
-        return os.pread(fd, size, offset)
-    except OSError as exc:
-        raise SourceVanished(f"cannot read source at offset {offset}: {exc.strerror}") from exc
-
-
-async def upload(f: RemoteFile, fd: int, start: int, mh: MultiHash, *, write_len: int,
+async def upload(f: RemoteFile, payload: Payload, start: int, *, write_len: int,
                  pieces_per_block: int, max_inflight: int, on_ack: Callable[[int], None],
                  heartbeat: Callable[[], None] = lambda: None) -> int:
-    """Write ``fd`` from ``start`` to its end into ``f`` at the same offsets, hashing every
-    byte read into ``mh`` in order. ``on_ack(n)`` gets the acknowledged prefix as it grows;
-    ``heartbeat()`` is called whenever a source block was read (local progress).
-    Returns the end offset. Raises whatever the remote file or the read raises; no write
-    is left outstanding and no thread still reads ``fd`` when it returns or raises."""
-    if os.fstat(fd).st_size - start <= write_len:
+    """Write ``payload`` from ``start`` to its end into ``f`` at the same offsets, every
+    byte read passing the payload's hash in order. ``on_ack(n)`` gets the acknowledged
+    prefix as it grows; ``heartbeat()`` is called whenever a source block was read (local
+    progress). Returns the end offset. Raises whatever the remote file or the read raises;
+    no write is left outstanding and no thread still reads the payload when it returns or
+    raises."""
+    if os.fstat(payload.fd).st_size - start <= write_len:
         # A small file: read inline and send one request; a thread hop would cost more.
         offset = start
-        while data := _pread(fd, write_len, offset):
-            mh.update(data)
+        while data := payload.read(write_len, offset):
             await f.write(data, offset)
             offset += len(data)
             on_ack(offset)
@@ -84,10 +77,7 @@ async def upload(f: RemoteFile, fd: int, start: int, mh: MultiHash, *, write_len
     block = write_len * pieces_per_block
 
     def read_and_hash(offset: int) -> bytes:
-        data = _pread(fd, block, offset)
-        if data:
-            mh.update(data)
-        return data
+        return payload.read(block, offset)
 
     slots = asyncio.Semaphore(max_inflight)
     acks = AckTracker(start)
@@ -137,7 +127,7 @@ async def upload(f: RemoteFile, fd: int, start: int, mh: MultiHash, *, write_len
             task.cancel()
         if pending:
             await asyncio.wait(set(pending))
-        await asyncio.wait([ahead])  # never return while a thread may still read fd
+        await asyncio.wait([ahead])  # never return while a thread may still read it
         if not ahead.cancelled():
             ahead.exception()  # retrieved: a read error after a write error is not news
 
@@ -158,15 +148,3 @@ async def read_hash(f: RemoteFile, size: int, algos: tuple[str, ...] = (),
         await asyncio.to_thread(mh.update, data)
         offset += len(data)
     return mh.hexdigests()
-
-
-def hash_prefix(fd: int, size: int, mh: MultiHash) -> MultiHash:
-    """Feed the first ``size`` bytes of ``fd`` to ``mh`` (rebuilds the state of a resume)."""
-    offset = 0
-    while offset < size:
-        data = os.pread(fd, min(4 << 20, size - offset), offset)
-        if not data:
-            raise SourceVanished(f"source shrank below {size} bytes while resuming")
-        mh.update(data)
-        offset += len(data)
-    return mh

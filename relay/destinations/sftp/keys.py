@@ -19,13 +19,13 @@ from pathlib import Path
 import asyncssh
 
 from relay.destinations.sftp.openssh_login import askpass_env
+from relay.destinations.sftp.rule import SftpRule
 from relay.errors import RelayError
-from relay.rules import DestinationRule
 
 __all__ = ["identity_problem"]
 
 
-def identity_problem(rule: DestinationRule, passphrase: str | None) -> str | None:
+def identity_problem(rule: SftpRule, passphrase: str | None) -> str | None:
     """Why ``rule.identity`` cannot be used by the rule's transport; None if it loads (or
     there is no identity, or no ``ssh-keygen`` to ask)."""
     if rule.identity is None:

@@ -43,10 +43,10 @@ from asyncssh.logging import logger as ssh_logger
 from asyncssh.sftp import SFTPClientHandler
 
 from relay.destinations.sftp.openssh_login import askpass_env, refusal, ssh_options
+from relay.destinations.sftp.rule import SftpRule
 from relay.destinations.sftp.session import wait_closed
 from relay.errors import PermanentError, RetryableError
 from relay.logs import get_logger
-from relay.rules import DestinationRule
 
 __all__ = ["OpensshLink", "asyncssh_compatible", "open_openssh", "ssh_binary"]
 
@@ -270,7 +270,7 @@ class OpensshLink:
         await wait_closed(self)
 
 
-async def open_openssh(rule: DestinationRule, user: str, host: str, port: int,
+async def open_openssh(rule: SftpRule, user: str, host: str, port: int,
                        channels: int, stall: float, passphrase: str | None = None,
                        password: str | None = None
                        ) -> tuple[OpensshLink, list[asyncssh.SFTPClient]]:

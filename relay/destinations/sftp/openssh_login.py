@@ -18,14 +18,14 @@ import os
 from pathlib import Path
 from typing import Protocol
 
+from relay.destinations.sftp.rule import SftpRule
 from relay.destinations.sftp.session import PREFERRED_CIPHERS
 from relay.errors import PermanentError, RetryableError
-from relay.rules import DestinationRule
 
 __all__ = ["ASKPASS", "SshStderr", "askpass_env", "refusal", "ssh_options"]
 
 
-def ssh_options(rule: DestinationRule, port: int) -> list[str]:
+def ssh_options(rule: SftpRule, port: int) -> list[str]:
     """Everything ``ssh`` needs from the rule, and nothing from the environment."""
     known = rule.known_hosts or Path.home() / ".ssh" / "known_hosts"
     # ssh takes whole seconds: round up, so a sub-second interval does not become 0 (off)
@@ -59,7 +59,7 @@ class SshStderr(Protocol):
     def errors(self) -> list[str]: ...
 
 
-def refusal(what: str, rule: DestinationRule, user: str, p: SshStderr, rc: int) -> Exception:
+def refusal(what: str, rule: SftpRule, user: str, p: SshStderr, rc: int) -> Exception:
     """The error ``ssh`` reported before the connection was up, as a relay error."""
     lines = p.errors()
     text = "\n".join(lines)

@@ -23,6 +23,7 @@ import asyncssh
 from relay.destinations.sftp.errors import translate, unsupported
 from relay.destinations.sftp.openssh import open_openssh
 from relay.destinations.sftp.probe import probe
+from relay.destinations.sftp.rule import SftpRule
 from relay.destinations.sftp.session import (
     Link,
     Session,
@@ -33,7 +34,6 @@ from relay.destinations.sftp.session import (
 from relay.errors import PermanentError, RetryableError
 from relay.logs import get_logger
 from relay.metrics import METRICS
-from relay.rules import DestinationRule
 
 __all__ = ["DEFAULT_CONCURRENCY", "MAX_CHANNELS", "Pool", "read_secret"]
 
@@ -49,7 +49,7 @@ MAX_CHANNELS = 8
 class Pool:
     """One destination's pooled SSH session and its concurrency slots."""
 
-    def __init__(self, rule: DestinationRule, secrets_dir: Path | None = None) -> None:
+    def __init__(self, rule: SftpRule, secrets_dir: Path | None = None) -> None:
         self.name = rule.name
         self.rule = rule
         self.secrets_dir = secrets_dir

@@ -18,8 +18,8 @@ from urllib.parse import unquote, urlsplit
 
 import asyncssh
 
+from relay.destinations.sftp.rule import SftpRule
 from relay.logs import get_logger
-from relay.rules import DestinationRule
 
 __all__ = ["PREFERRED_CIPHERS", "AsyncsshLink", "EarlyFlush", "Link", "Session", "open_asyncssh",
            "parse_sftp_url", "wait_closed"]
@@ -84,7 +84,7 @@ class AsyncsshLink:
         await self.conn.wait_closed()
 
 
-async def open_asyncssh(rule: DestinationRule, user: str, host: str, port: int,
+async def open_asyncssh(rule: SftpRule, user: str, host: str, port: int,
                         channels: int, stall: float, passphrase: str | None,
                         password: str | None
                         ) -> tuple[AsyncsshLink, list[asyncssh.SFTPClient]]:
@@ -123,7 +123,8 @@ class Session:
     busy: int = 0       # operations waiting on the server
     last: float = field(default_factory=time.monotonic)
     extra: float = 0.0  # more patience while a long request (fsync) is outstanding
-    dirs: set[str] = field(default_factory=set)
+    dirs: set[str] = field(default_factory=set)  # folders made or checked on the way
+    real_root: str | None = None  # the root with its symlinks resolved, once asked
     ready: bool = False  # root checked and server probed
     _timer: asyncio.TimerHandle | None = None
 
