@@ -19,6 +19,7 @@ from relay.errors import RulesError, TransferError
 from relay.logs import get_logger
 from relay.metrics import METRICS, serve
 from relay.rules import SourceRule, environment_problems, load_rules
+from relay.states import FileState
 
 __all__ = ["Daemon"]
 
@@ -86,7 +87,7 @@ class Daemon:
 
     def _check_deadlines(self) -> None:
         now = time.time()
-        for row in self.e.journal.files("waiting"):
+        for row in self.e.journal.files(FileState.WAITING):
             src = self.e.rules.source(row.source)
             deadline = src.ready.deadline
             if deadline and row.waiting_since and now - row.waiting_since > deadline:

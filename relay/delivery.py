@@ -41,8 +41,9 @@ from relay.logs import get_logger
 from relay.metrics import METRICS
 from relay.rules import Route
 from relay.signal_files import Declared
+from relay.states import DeliveryState, Result
 
-__all__ = ["Member", "Outcome", "backoff", "deliver_to", "signal_body"]
+__all__ = ["Member", "Outcome", "RetryPolicy", "backoff", "deliver_to", "signal_body"]
 
 log = get_logger()
 
@@ -59,9 +60,19 @@ class Member:
 class Outcome:
     """How one destination's attempt ended."""
 
-    state: str  # delivered | retry_wait | failed | mismatch | vanished
+    state: Result
     error: str | None = None
     next_try_at: float | None = None
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often a failing delivery is tried again: ``base`` seconds after the first
+    failure, doubling up to ``cap``, at most ``max_attempts`` attempts in all."""
+
+    base: float
+    cap: float
+    max_attempts: int
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
@@ -89,7 +100,7 @@ async def deliver_to(
     src_root: Path,
     members: list[Member],
     batch_marker: str | None,
-    retry: tuple[float, float, int],
+    retry: RetryPolicy,
     progress_interval: float,
     rows: list[Delivery] | None = None,
     hops: Hops | None = None,
@@ -101,17 +112,18 @@ async def deliver_to(
     hops = hops or Hops()
     if rows is None:
         rows = [d for d in journal.deliveries(row.id) if d.destination == dest.name]
-    gave_up = [d for d in rows if d.state == "failed"]
+    gave_up = [d for d in rows if d.state == DeliveryState.FAILED]
     if gave_up:
         # This destination gave up on (a member of) this generation: that is never
         # "delivered", whatever the other destinations do (only `relay retry` resets it).
-        return Outcome("failed", gave_up[0].last_error or "failed earlier")
-    todo = [d for d in rows if d.state != "delivered"]
+        return Outcome(Result.FAILED, gave_up[0].last_error or "failed earlier")
+    todo = [d for d in rows if d.state != DeliveryState.DELIVERED]
     if not todo:
-        return Outcome("delivered")
+        return Outcome(Result.DELIVERED)
     # Rows already past staging when we start: a retry, or recovery after a crash. Their
     # signals may be in place already ('signalling' is not flushed before they are written).
-    resumed = {d.id for d in todo if d.state in ("renaming", "signalling")}
+    resumed = {d.id for d in todo
+               if d.state in (DeliveryState.RENAMING, DeliveryState.SIGNALLING)}
     for d in todo:
         if d.id in resumed:
             # Resuming after the bytes were staged (a retry or a restart) is an attempt
@@ -134,8 +146,8 @@ async def deliver_to(
                 staged.append((d, st))
         journal.mark_renaming([(d.id, st.tmp, st.sha256, st.size) for d, st in staged])
         for d, st in staged:  # the rows in memory follow the journal (no re-reads)
-            d.state, d.tmp, d.sha256, d.size, d.acked = ("renaming", st.tmp, st.sha256,
-                                                         st.size, st.size)
+            d.state, d.tmp, d.sha256, d.size, d.acked = (
+                DeliveryState.RENAMING, st.tmp, st.sha256, st.size, st.size)
         staged = []
         await journal.durable()  # 'renaming' must survive anything once we rename
         done: list[Delivery] = []
@@ -146,7 +158,7 @@ async def deliver_to(
             # whose recovery (rename if the temporary is still there, then signals that
             # are not already identical) is the same as 'signalling''s.
             for d in todo:
-                if d.state != "renaming" or d.id in resumed:
+                if d.state != DeliveryState.RENAMING or d.id in resumed:
                     continue
                 current = d
                 assert d.sha256 is not None
@@ -155,15 +167,15 @@ async def deliver_to(
                                                      _signals(route, d.target, d.sha256))
                 except SignalFailed:
                     # The payload is in place: what is left is the signals (status, retry).
-                    journal.update_delivery(d.id, state="signalling")
-                    d.state = "signalling"
+                    journal.update_delivery(d.id, state=DeliveryState.SIGNALLING)
+                    d.state = DeliveryState.SIGNALLING
                     raise
                 if not published_ok:
                     _restage(journal, d)
                     raise RetryableError(f"temporary {d.tmp} vanished before rename")
                 published.add(d.id)
                 done.append(d)
-        if batch_marker is not None and any(d.state == "renaming" for d in todo):
+        if batch_marker is not None and any(d.state == DeliveryState.RENAMING for d in todo):
             # This generation's marker is written only after its last rename, so a marker
             # there now is an earlier generation's (or a stranger's): take it down before
             # any member is replaced, so no consumer trusts a mix of old and new members,
@@ -171,17 +183,17 @@ async def deliver_to(
             await dest.discard(batch_marker)
         # 2. rename every (other) staged member onto its final name
         for d in todo:
-            if d.state != "renaming" or d.id in published:
+            if d.state != DeliveryState.RENAMING or d.id in published:
                 continue
             current = d
             if not await hops.commit(dest, _staged(d), ()):
                 _restage(journal, d)
                 raise RetryableError(f"temporary {d.tmp} vanished before rename")
-            journal.update_delivery(d.id, state="signalling")
-            d.state = "signalling"
+            journal.update_delivery(d.id, state=DeliveryState.SIGNALLING)
+            d.state = DeliveryState.SIGNALLING
         # 3. downstream signals: per file, then the batch marker last
         for d in todo:
-            if d.state != "signalling":
+            if d.state != DeliveryState.SIGNALLING:
                 continue
             current = d
             assert d.sha256 is not None
@@ -201,54 +213,56 @@ async def deliver_to(
             METRICS.bytes_delivered.labels(route.name, dest.name).inc(d.size or 0)
             log.info("file_delivered", file=d.member, route=route.name,
                      destination=dest.name, target=d.target, bytes=d.size, sha256=d.sha256)
-        return Outcome("delivered")
+        return Outcome(Result.DELIVERED)
     except (DigestMismatch, SourceChanged) as exc:
         if isinstance(exc, DigestMismatch):
             METRICS.digest_mismatches.labels(route.name).inc()
         for _, st in staged:  # members of a batch staged before the bad one
             await dest.discard(st.tmp)
-        for d in journal.deliveries(row.id, "staging"):
+        for d in journal.deliveries(row.id, DeliveryState.STAGING):
             if d.destination == dest.name:
-                journal.update_delivery(d.id, state="pending", acked=0)
-        return Outcome("mismatch", str(exc))
+                journal.update_delivery(d.id, state=DeliveryState.PENDING, acked=0)
+        return Outcome(Result.MISMATCH, str(exc))
     except SourceVanished as exc:
         if current is not None:
-            journal.update_delivery(current.id, state="pending", last_error=str(exc))
-        return Outcome("vanished", str(exc))
+            journal.update_delivery(current.id, state=DeliveryState.PENDING,
+                                    last_error=str(exc))
+        return Outcome(Result.VANISHED, str(exc))
     except PermanentError as exc:
         if current is not None:
-            journal.update_delivery(current.id, state="failed", last_error=str(exc))
+            journal.update_delivery(current.id, state=DeliveryState.FAILED,
+                                    last_error=str(exc))
         METRICS.files_failed.labels(route.name, dest.name).inc()
         log.error("delivery_failed", file=row.rel, route=route.name, destination=dest.name,
                   error=str(exc), permanent=True)
-        return Outcome("failed", str(exc))
+        return Outcome(Result.FAILED, str(exc))
     except RetryableError as exc:
         return _retry_or_fail(journal, dest, row, route, current, str(exc), retry)
 
 
 def _retry_or_fail(journal: Journal, dest: Destination, row: FileRow, route: Route,
-                   d: Delivery | None, error: str, retry: tuple[float, float, int]) -> Outcome:
-    base, cap, max_attempts = retry
+                   d: Delivery | None, error: str, retry: RetryPolicy) -> Outcome:
     if d is None:
-        return Outcome("retry_wait", error, time.time() + base)
+        return Outcome(Result.RETRY_WAIT, error, time.time() + retry.base)
     fresh = next(x for x in journal.deliveries(row.id) if x.id == d.id)
-    if fresh.attempts >= max_attempts:
-        journal.update_delivery(d.id, state="failed", last_error=error, next_try_at=None)
+    if fresh.attempts >= retry.max_attempts:
+        journal.update_delivery(d.id, state=DeliveryState.FAILED, last_error=error,
+                                next_try_at=None)
         METRICS.files_failed.labels(route.name, dest.name).inc()
         log.error("delivery_failed", file=d.member, route=route.name, destination=dest.name,
                   attempt=fresh.attempts, error=error)
-        return Outcome("failed", error)
-    delay = backoff(fresh.attempts, base, cap)
+        return Outcome(Result.FAILED, error)
+    delay = backoff(fresh.attempts, retry.base, retry.cap)
     next_try = time.time() + delay
-    state = "renaming" if fresh.state in ("renaming", "signalling") else "retry_wait"
-    if fresh.state == "signalling":
-        state = "signalling"
+    # Past the rename (or maybe past it): what is left stays what it was; else wait.
+    state = (fresh.state if fresh.state in (DeliveryState.RENAMING, DeliveryState.SIGNALLING)
+             else DeliveryState.RETRY_WAIT)
     journal.update_delivery(d.id, state=state, last_error=error, next_try_at=next_try)
     METRICS.retries.labels(dest.name).inc()
     log.warning("delivery_retry_scheduled", file=d.member, route=route.name,
                 destination=dest.name, attempt=fresh.attempts, error=error,
                 retry_in_s=round(delay, 3))
-    return Outcome("retry_wait", error, next_try)
+    return Outcome(Result.RETRY_WAIT, error, next_try)
 
 
 def _staged(d: Delivery) -> Staged:
@@ -260,8 +274,8 @@ def _staged(d: Delivery) -> Staged:
 def _restage(journal: Journal, d: Delivery) -> None:
     """Neither the temporary nor the final name holds what was staged (an object store's
     upload that a crash lost, a temporary removed by someone else): send it again."""
-    journal.update_delivery(d.id, state="pending", acked=0, resume_state=None)
-    d.state, d.acked, d.resume_state = "pending", 0, None
+    journal.update_delivery(d.id, state=DeliveryState.PENDING, acked=0, resume_state=None)
+    d.state, d.acked, d.resume_state = DeliveryState.PENDING, 0, None
 
 
 class _Transfer:
@@ -286,9 +300,10 @@ async def _stage_one(journal: Journal, dest: Destination, hops: Hops, row: FileR
     tmp = dest.temporary(d.target)
     before = _identity(src_root / m.rel)
     total = before[1] if before else None  # for progress (status, logs) until staged
-    journal.update_delivery(d.id, state="staging", tmp=tmp, attempts=d.attempts + 1,
+    journal.update_delivery(d.id, state=DeliveryState.STAGING, tmp=tmp,
+                            attempts=d.attempts + 1,
                             next_try_at=None, size=total)
-    d.state, d.tmp, d.attempts = "staging", tmp, d.attempts + 1
+    d.state, d.tmp, d.attempts = DeliveryState.STAGING, tmp, d.attempts + 1
     algos = (m.declared.algo,) if m.declared else ()
     started = time.monotonic()
     last_log = [started]

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from relay.breaker import Breaker
 from relay.coalesce import Coalescer
 from relay.config import Settings
-from relay.delivery import Member, Outcome, deliver_to
+from relay.delivery import Member, Outcome, RetryPolicy, deliver_to
 from relay.destinations import open_destination
 from relay.destinations.base import NAME_MAX, Destination
 from relay.errors import TransferError, UnsafePathError
@@ -33,6 +33,7 @@ from relay.post_action import recheck_then_apply, source_paths
 from relay.readiness import gather_batch
 from relay.rules import Route, Rules, SourceRule
 from relay.signal_files import Declared
+from relay.states import DeliveryState, FileState, Result, Verdict
 
 if TYPE_CHECKING:  # watchdog is imported only where watchers start (not in `run --once`)
     from relay.watcher import SourceWatcher
@@ -41,6 +42,8 @@ __all__ = ["Engine", "is_ignored"]
 
 log = get_logger()
 _SETTLE_GUARD_S = 1.0  # until_idle re-checks at least this often, whatever it is told
+# A file in one of these has a job to run (or finish: the post-action of a delivered one).
+_JOB_STATES = (FileState.READY, FileState.DELIVERING, FileState.DELIVERED)
 
 
 class Engine(Evaluation):
@@ -137,27 +140,28 @@ class Engine(Evaluation):
 
     async def _job(self, file_id: int) -> None:
         row = self.journal.file_by_id(file_id)
-        if row is None or row.state not in ("ready", "delivering", "delivered"):
+        if row is None or row.state not in _JOB_STATES:
             return
         try:
             await self._run_job(row)
         except Exception as exc:
             log.exception("job_crashed", file=row.rel, error=str(exc))
-            self.journal.update_file(row.id, state="waiting", reason=f"internal: {exc}")
+            self.journal.update_file(row.id, state=FileState.WAITING, reason=f"internal: {exc}")
 
     async def _run_job(self, row: FileRow) -> None:
         src = self.rules.source(row.source)
         route = self.rules.route(row.route or "")
         key: Key = (row.source, row.kind, row.rel)
         if route is None:
-            self.journal.update_file(row.id, state="waiting", reason="route no longer exists")
+            self.journal.update_file(row.id, state=FileState.WAITING,
+                                     reason="route no longer exists")
             return
         members = await self._members(row, src)
         if members is None:
-            self.journal.update_file(row.id, state="waiting", reason="evidence changed")
+            self.journal.update_file(row.id, state=FileState.WAITING, reason="evidence changed")
             self.deferred[row.id] = key
             return
-        if row.state != "delivered" and row.id in self.suspect and row.kind == "file" \
+        if row.state != FileState.DELIVERED and row.id in self.suspect and row.kind == "file" \
                 and members[0].declared is not None:
             # It failed verification before and is probably still being written: check
             # by reading only, so we do not rewrite a destination temporary at every event.
@@ -168,12 +172,12 @@ class Engine(Evaluation):
             except OSError as exc:
                 digests = {decl.algo: f"unreadable ({exc.strerror})"}
             if digests[decl.algo] != decl.hexdigest:
-                self.journal.update_file(row.id, state="waiting",
+                self.journal.update_file(row.id, state=FileState.WAITING,
                                          reason=f"not complete yet: declared {decl.hexdigest} "
                                                 f"but content hashes to {digests[decl.algo]}")
                 self.deferred[row.id] = key
                 return
-        if row.state != "delivered":
+        if row.state != FileState.DELIVERED:
             when = datetime.fromtimestamp(row.ready_at or time.time(), UTC)
             try:
                 plan = [(m.rel, d, render_template(route.path, m.rel, source=src.name,
@@ -190,12 +194,12 @@ class Engine(Evaluation):
                 self._quarantine(row, route, f"unsafe destination path: {exc}")
                 return
             planned = self.journal.plan_deliveries(row.id, plan)
-            if row.state != "delivering":  # what plan_deliveries wrote
+            if row.state != FileState.DELIVERING:  # what plan_deliveries wrote
                 row.reason = None
-            row.state = "delivering"
-            retry = (route.retry.base or self.settings.retry_base,
-                     route.retry.cap or self.settings.retry_cap,
-                     route.retry.max_attempts or self.settings.retry_max_attempts)
+            row.state = FileState.DELIVERING
+            retry = RetryPolicy(route.retry.base or self.settings.retry_base,
+                                route.retry.cap or self.settings.retry_cap,
+                                route.retry.max_attempts or self.settings.retry_max_attempts)
             if len(route.to) == 1:  # the usual case: no task to wrap one coroutine
                 outcomes = [await self._to_dest(row, route, src, members, marker,
                                                 route.to[0], retry, planned)]
@@ -209,26 +213,26 @@ class Engine(Evaluation):
 
     async def _to_dest(self, row: FileRow, route: Route, src: SourceRule,
                        members: list[Member], marker: str | None, dname: str,
-                       retry: tuple[float, float, int],
+                       retry: RetryPolicy,
                        planned: list[Delivery] | None = None) -> Outcome:
         """``planned``: the file's delivery rows, when plan_deliveries has just made them."""
         rows = [d for d in (self.journal.deliveries(row.id) if planned is None else planned)
                 if d.destination == dname]
-        due = [d.next_try_at for d in rows if d.state == "retry_wait" and d.next_try_at]
+        due = [d.next_try_at for d in rows if d.state == DeliveryState.RETRY_WAIT and d.next_try_at]
         if due and max(due) > time.time():
-            return Outcome("retry_wait", rows[0].last_error, max(due))
+            return Outcome(Result.RETRY_WAIT, rows[0].last_error, max(due))
         breaker = self.breakers.setdefault(dname, Breaker(
             threshold=self.settings.breaker_threshold, base=self.settings.breaker_cooldown,
             cap=self.settings.retry_cap))
         if not breaker.allow():
-            return Outcome("retry_wait", f"destination {dname} backed off (circuit open)",
+            return Outcome(Result.RETRY_WAIT, f"destination {dname} backed off (circuit open)",
                            max(breaker.open_until, time.time() + 1.0))
         outcome = await deliver_to(self.journal, self.dests[dname], row, route, src.path,
                                    members, marker, retry, self.settings.progress_interval,
                                    rows, self.hops)
-        if outcome.state in ("delivered", "retry_wait", "failed"):
+        if outcome.state in (Result.DELIVERED, Result.RETRY_WAIT, Result.FAILED):
             was_open = breaker.is_open
-            if breaker.record(outcome.state == "delivered"):
+            if breaker.record(outcome.state == Result.DELIVERED):
                 log.warning("destination_circuit_opened", destination=dname,
                             failures=breaker.failures, error=outcome.error,
                             retry_in_s=round(breaker.open_until - time.time(), 1))
@@ -241,36 +245,36 @@ class Engine(Evaluation):
         """Record the job's result on the file row; True when every destination has it."""
         states = {o.state for o in outcomes}
         j = self.journal
-        if states == {"delivered"}:
+        if states == {Result.DELIVERED}:
             if route.then != "keep":
                 # With 'keep', _finish writes 'done' in the same group transaction at
                 # once (no await in between): 'delivered' would never be seen.
-                j.update_file(row.id, state="delivered", reason=None)
+                j.update_file(row.id, state=FileState.DELIVERED, reason=None)
             if row.ready_at:
                 METRICS.signal_latency.labels(route.name).observe(time.time() - row.ready_at)
             return True
-        if "mismatch" in states:
+        if Result.MISMATCH in states:
             self.suspect.add(row.id)
-        if "mismatch" in states or "vanished" in states:
-            why = next(o.error for o in outcomes if o.state in ("mismatch", "vanished"))
-            j.update_file(row.id, state="waiting", reason=f"not complete yet: {why}",
+        if Result.MISMATCH in states or Result.VANISHED in states:
+            why = next(o.error for o in outcomes if o.state in (Result.MISMATCH, Result.VANISHED))
+            j.update_file(row.id, state=FileState.WAITING, reason=f"not complete yet: {why}",
                           sha256=None, waiting_since=row.waiting_since or time.time())
             log.info("file_waiting", file=row.rel, route=route.name, reason=why)
             self.deferred[row.id] = key
             return False
-        if "retry_wait" in states:
+        if Result.RETRY_WAIT in states:
             when = min(o.next_try_at or time.time() for o in outcomes
-                       if o.state == "retry_wait")
-            j.update_file(row.id, state="delivering",
-                          reason=next(o.error for o in outcomes if o.state == "retry_wait"))
+                       if o.state == Result.RETRY_WAIT)
+            j.update_file(row.id, state=FileState.DELIVERING,
+                          reason=next(o.error for o in outcomes if o.state == Result.RETRY_WAIT))
             delay = max(0.0, when - time.time())
             self.timers[row.id] = asyncio.get_running_loop().call_later(
                 delay, self._start_job, row.id)
             if self.settings_once:
                 self.failed += 1
             return False
-        errors = "; ".join(o.error or "" for o in outcomes if o.state == "failed")
-        j.update_file(row.id, state="failed", reason=errors)
+        errors = "; ".join(o.error or "" for o in outcomes if o.state == Result.FAILED)
+        j.update_file(row.id, state=FileState.FAILED, reason=errors)
         self.failed += 1
         log.error("file_failed", file=row.rel, route=route.name, error=errors)
         return False
@@ -278,7 +282,7 @@ class Engine(Evaluation):
     settings_once = False
 
     async def _members(self, row: FileRow, src: SourceRule) -> list[Member] | None:
-        if row.kind == "batch" and row.state == "delivered":
+        if row.kind == "batch" and row.state == FileState.DELIVERED:
             # Every destination has it; only the post-action is left, and it may have
             # removed members already (a crash mid-way): the journal says what they were.
             planned = {d.member for d in self.journal.deliveries(row.id)}
@@ -289,14 +293,14 @@ class Engine(Evaluation):
             return [Member(row.rel, declared)]
         bev = await asyncio.to_thread(gather_batch, src.path, row.rel, src.ready,
                                       lambda r: is_ignored(src, r))
-        if bev.verdict != "ready":
+        if bev.verdict != Verdict.READY:
             return None
         return [Member(rel, decl) for rel, decl in bev.members.items()
                 if self.rules.match(src.name, rel) is not None or rel.endswith(
                     f"/{src.ready.manifest}") or rel == src.ready.manifest]
 
     def _quarantine(self, row: FileRow, route: Route | None, reason: str) -> None:
-        self.journal.update_file(row.id, state="quarantined", reason=reason)
+        self.journal.update_file(row.id, state=FileState.QUARANTINED, reason=reason)
         METRICS.files_quarantined.labels(route.name if route else "-").inc()
         log.warning("file_quarantined", file=row.rel, source=row.source,
                     route=route.name if route else None, reason=reason)
@@ -330,7 +334,7 @@ class Engine(Evaluation):
         self._finish(row, route)
 
     def _finish(self, row: FileRow, route: Route) -> None:
-        self.journal.update_file(row.id, state="done", reason=None)
+        self.journal.update_file(row.id, state=FileState.DONE, reason=None)
         self.suspect.discard(row.id)
         self.payload_seq.pop((row.source, row.rel), None)
         self.marker_seq.pop((row.source, row.rel), None)
@@ -341,7 +345,7 @@ class Engine(Evaluation):
 
     async def recover(self) -> None:
         """After a crash: sweep partial temporaries, then resume unfinished jobs."""
-        for d in self.journal.deliveries(None, "staging"):
+        for d in self.journal.deliveries(None, DeliveryState.STAGING):
             dest = self.dests.get(d.destination)
             if dest is None:
                 continue
@@ -352,10 +356,10 @@ class Engine(Evaluation):
                 except TransferError as exc:
                     log.warning("temp_sweep_failed", destination=d.destination, tmp=d.tmp,
                                 error=str(exc))
-                self.journal.update_delivery(d.id, state="pending", acked=0)
+                self.journal.update_delivery(d.id, state=DeliveryState.PENDING, acked=0)
             else:
-                self.journal.update_delivery(d.id, state="pending")
-        for row in self.journal.files("ready", "delivering", "delivered"):
+                self.journal.update_delivery(d.id, state=DeliveryState.PENDING)
+        for row in self.journal.files(*_JOB_STATES):
             self._start_job(row.id)
 
     def ready(self) -> tuple[bool, str]:

@@ -3,10 +3,13 @@
     RelayError
     ├── RulesError            invalid rules: carries every problem with file/line/field
     ├── UnsafePathError       a name or template would leave its root (traversal, NUL, …)
+    ├── JournalError          the journal refused a state change relay does not make (a bug)
     └── TransferError         a delivery attempt failed
         ├── RetryableError    try again later (network drop, disk full, busy server)
-        │   ├── DigestMismatch  the payload changed under us: go back to waiting
-        │   └── SourceVanished  the payload disappeared or became unreadable meanwhile
+        │   ├── DigestMismatch  the payload's bytes differ from its declared digest: wait
+        │   ├── SourceVanished  the payload disappeared or became unreadable meanwhile
+        │   ├── SourceChanged   the payload changed while it was copied: wait
+        │   └── SignalFailed    the payload is in place; writing its downstream signal failed
         └── PermanentError    retrying cannot help (refused host key, bad credentials, …)
 
 Backends translate library exceptions into this tree in one place each; the pipeline
@@ -19,11 +22,13 @@ from dataclasses import dataclass
 
 __all__ = [
     "DigestMismatch",
+    "JournalError",
     "PermanentError",
     "RelayError",
     "RetryableError",
     "RuleProblem",
     "RulesError",
+    "SignalFailed",
     "SourceChanged",
     "SourceVanished",
     "TransferError",
@@ -59,6 +64,11 @@ class RulesError(RelayError):
 
 class UnsafePathError(RelayError):
     """A relative path or template result would escape its root or is not a valid name."""
+
+
+class JournalError(RelayError):
+    """A state change the journal does not allow (relay.states): a bug, reported as such
+    instead of leaving a row in a state nothing reads."""
 
 
 class TransferError(RelayError):

@@ -23,12 +23,16 @@ from relay.paths import compile_glob
 from relay.readiness import Evidence, classify, gather, gather_batch
 from relay.rules import Route, Rules, SourceRule
 from relay.signal_files import Declared
+from relay.states import FileState, Verdict
 
 __all__ = ["Evaluation", "Key", "is_ignored", "scan"]
 
 log = get_logger()
 Key = tuple[str, str, str]  # (source, kind "file"|"batch", rel)
 _EVAL_BATCH = 32  # single files whose evidence one worker-thread hop reads
+# A file gone from the source in one of these is forgotten (nothing was sent yet, or it can
+# never be): its row goes.
+_FORGETTABLE = (FileState.SEEN, FileState.WAITING, FileState.QUARANTINED)
 
 
 def is_ignored(src: SourceRule, rel: str) -> bool:
@@ -254,7 +258,7 @@ class Evaluation:
         routes = {self.rules.match(source, m) for m in bev.members}
         routes.discard(None)
         if len(routes) > 1:
-            bev.verdict, bev.reason = "invalid", "batch members match different routes"
+            bev.verdict, bev.reason = Verdict.INVALID, "batch members match different routes"
         route = next(iter(routes)) if routes else self.rules.match(
             source, f"{rel}/{src.ready.directory_marker}")
         if route is None:
@@ -272,15 +276,15 @@ class Evaluation:
         _, kind, rel = key
         return self.journal.upsert_file(source, rel, kind, **fields).id
 
-    def _apply(self, src: SourceRule, route: Route, key: Key, verdict: str, reason: str,
+    def _apply(self, src: SourceRule, route: Route, key: Key, verdict: Verdict, reason: str,
                fp: str, sig: str | None, declared: Declared | None,
                row: FileRow | None) -> None:
         """Record a verdict. ``row``: the file's journal row (None: there is none), read
         after the caller's last await, so nothing has moved it since."""
         _, kind, rel = key
         j = self.journal
-        if verdict == "gone":
-            if row is not None and row.state in ("seen", "waiting", "quarantined") \
+        if verdict == Verdict.GONE:
+            if row is not None and row.state in _FORGETTABLE \
                     and row.id not in self.jobs and row.id not in self.queued:
                 j.delete_file(row.id)
                 log.info("file_forgotten", file=rel, source=src.name, reason=reason)
@@ -297,35 +301,35 @@ class Evaluation:
             # Inserted below with its first verdict: one write, not 'seen' then another.
             METRICS.files_seen.labels(route.name).inc()
             log.info("file_seen", file=rel, source=src.name, route=route.name, kind=kind)
-        elif row.fingerprint == fp and row.state != "seen":
-            if row.state in ("ready", "delivering", "delivered"):
+        elif row.fingerprint == fp and row.state != FileState.SEEN:
+            if row.state in (FileState.READY, FileState.DELIVERING, FileState.DELIVERED):
                 self._start_job(row.id)
             return
-        elif row.state == "done" and verdict != "ready":
+        elif row.state == FileState.DONE and verdict != Verdict.READY:
             # Signals or payload going away (our own post-action, a consumer tidying up)
             # is not new content. Only a new, valid signal starts a new generation.
             return
-        elif row.state in ("done", "failed", "quarantined"):
-            j.new_generation(row.id, state="seen", route=route.name, sha256=None, size=None,
+        elif row.state in (FileState.DONE, FileState.FAILED, FileState.QUARANTINED):
+            j.new_generation(row.id, state=FileState.SEEN, route=route.name, sha256=None, size=None,
                              reason=None, waiting_since=None, ready_at=None)
             log.info("file_changed", file=rel, source=src.name, route=route.name,
                      previous_state=row.state)
             row = j.file_by_id(row.id) or row
-        elif row.state in ("delivering", "delivered"):
+        elif row.state in (FileState.DELIVERING, FileState.DELIVERED):
             self._start_job(row.id)
             return
         now = time.time()
-        if verdict in ("waiting", "invalid"):
-            file_id = self._write(row, key, src.name, state="waiting", reason=reason,
+        if verdict in (Verdict.WAITING, Verdict.INVALID):
+            file_id = self._write(row, key, src.name, state=FileState.WAITING, reason=reason,
                                   fingerprint=fp, signal=sig, route=route.name,
                                   waiting_since=(row.waiting_since if row else None) or now)
             if self._last_reason.get(file_id) != reason:
                 self._last_reason[file_id] = reason
                 log.info("file_waiting", file=rel, source=src.name, route=route.name,
-                         reason=reason, invalid=verdict == "invalid")
+                         reason=reason, invalid=verdict == Verdict.INVALID)
             return
-        file_id = self._write(row, key, src.name, state="ready", reason=reason, fingerprint=fp,
-                              signal=sig, route=route.name, ready_at=now,
+        file_id = self._write(row, key, src.name, state=FileState.READY, reason=reason,
+                              fingerprint=fp, signal=sig, route=route.name, ready_at=now,
                               declared_algo=declared.algo if declared else None,
                               declared_digest=declared.hexdigest if declared else None)
         self._last_reason.pop(file_id, None)

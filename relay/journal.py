@@ -6,15 +6,9 @@ at any instant a restart knows what may have happened and finishes it exactly on
 Transactions are group-committed (:mod:`relay.group_commit`): before a side effect its
 caller awaits ``journal.durable()``.
 
-File (or batch) lifecycle, table ``files``::
-
-    seen → waiting ⇄ ready → delivering → delivered → done
-                  ↘ quarantined(reason)       ↘ failed(reason)
-
-Per destination, table ``deliveries`` (one row per payload member and destination)::
-
-    pending → staging(tmp, acked) → renaming(sha256) → signalling → delivered
-        ↖ retry_wait(attempt, next_try_at, error) ↙        failed(error)
+A file's (or batch's) life is a row of table ``files``; each payload member at each
+destination a row of ``deliveries``. Their states and the moves between them are
+:mod:`relay.states`; every state change here is one of those moves or a JournalError.
 
 ``history`` holds every (route, destination, member, sha256) ever delivered: the
 idempotency key. Sending the same content to the same place again is a no-op.
@@ -31,56 +25,89 @@ import os
 import sqlite3
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, get_type_hints
 
+from relay.errors import JournalError
 from relay.group_commit import GROUP_WINDOW, GroupCommit
+from relay.states import DeliveryState, FileState, sources_of
 
 __all__ = ["Delivery", "FileRow", "Journal"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS files(
-    id INTEGER PRIMARY KEY,
-    source TEXT NOT NULL,
-    rel TEXT NOT NULL,
-    kind TEXT NOT NULL DEFAULT 'file',
-    route TEXT,
-    state TEXT NOT NULL,
-    reason TEXT,
-    signal TEXT,
-    declared_algo TEXT,
-    declared_digest TEXT,
-    sha256 TEXT,
-    size INTEGER,
-    fingerprint TEXT,
-    generation INTEGER NOT NULL DEFAULT 1,
-    first_seen REAL NOT NULL,
-    waiting_since REAL,
-    ready_at REAL,
-    updated_at REAL NOT NULL,
-    UNIQUE(source, rel, kind)
-);
+@dataclass
+class FileRow:
+    """One file (or batch) of a source. Each field's SQL is its column's definition."""
+
+    id: Annotated[int, "INTEGER PRIMARY KEY"]
+    source: Annotated[str, "TEXT NOT NULL"]
+    rel: Annotated[str, "TEXT NOT NULL"]
+    kind: Annotated[str, "TEXT NOT NULL DEFAULT 'file'"]  # file | batch
+    route: Annotated[str | None, "TEXT"]
+    state: Annotated[FileState, "TEXT NOT NULL"]
+    reason: Annotated[str | None, "TEXT"]
+    signal: Annotated[str | None, "TEXT"]
+    declared_algo: Annotated[str | None, "TEXT"]
+    declared_digest: Annotated[str | None, "TEXT"]
+    sha256: Annotated[str | None, "TEXT"]
+    size: Annotated[int | None, "INTEGER"]
+    fingerprint: Annotated[str | None, "TEXT"]
+    generation: Annotated[int, "INTEGER NOT NULL DEFAULT 1"]
+    first_seen: Annotated[float, "REAL NOT NULL"]
+    waiting_since: Annotated[float | None, "REAL"]
+    ready_at: Annotated[float | None, "REAL"]
+    updated_at: Annotated[float, "REAL NOT NULL"]
+
+    def __post_init__(self) -> None:
+        self.state = FileState(self.state)
+
+
+@dataclass
+class Delivery:
+    """One payload member of a file at one destination."""
+
+    id: Annotated[int, "INTEGER PRIMARY KEY"]
+    file_id: Annotated[int, "INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE"]
+    member: Annotated[str, "TEXT NOT NULL"]
+    destination: Annotated[str, "TEXT NOT NULL"]
+    target: Annotated[str, "TEXT NOT NULL"]
+    tmp: Annotated[str | None, "TEXT"]
+    state: Annotated[DeliveryState, "TEXT NOT NULL"]
+    sha256: Annotated[str | None, "TEXT"]
+    size: Annotated[int | None, "INTEGER"]
+    acked: Annotated[int, "INTEGER NOT NULL DEFAULT 0"]
+    attempts: Annotated[int, "INTEGER NOT NULL DEFAULT 0"]
+    fallbacks: Annotated[int, "INTEGER NOT NULL DEFAULT 0"]
+    next_try_at: Annotated[float | None, "REAL"]
+    last_error: Annotated[str | None, "TEXT"]
+    updated_at: Annotated[float, "REAL NOT NULL"]
+    # the backend's own resume record (e.g. an upload's parts); added to older journals
+    resume_state: Annotated[str | None, "TEXT"]
+
+    def __post_init__(self) -> None:
+        self.state = DeliveryState(self.state)
+
+
+def _columns(row_type: type) -> dict[str, str]:
+    """A row type's columns and their SQL, in field order (the order rows are built in)."""
+    hints = get_type_hints(row_type, include_extras=True)
+    return {f.name: hints[f.name].__metadata__[0] for f in fields(row_type)}
+
+
+def _table(name: str, row_type: type, *constraints: str) -> str:
+    cols = [f"    {c} {sql}" for c, sql in _columns(row_type).items()]
+    return f"CREATE TABLE IF NOT EXISTS {name}(\n" + ",\n".join(
+        [*cols, *(f"    {c}" for c in constraints)]) + "\n);\n"
+
+
+# Explicit column lists in dataclass order, so rows are built positionally (cheaper than
+# a dict per row) whatever the column order of an existing database file.
+_FILE_COLS = ", ".join(_columns(FileRow))
+_DELIVERY_COLS = ", ".join(_columns(Delivery))
+
+_SCHEMA = _table("files", FileRow, "UNIQUE(source, rel, kind)") + """
 CREATE INDEX IF NOT EXISTS files_state ON files(state);
-CREATE TABLE IF NOT EXISTS deliveries(
-    id INTEGER PRIMARY KEY,
-    file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
-    member TEXT NOT NULL,
-    destination TEXT NOT NULL,
-    target TEXT NOT NULL,
-    tmp TEXT,
-    state TEXT NOT NULL,
-    sha256 TEXT,
-    size INTEGER,
-    acked INTEGER NOT NULL DEFAULT 0,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    fallbacks INTEGER NOT NULL DEFAULT 0,
-    next_try_at REAL,
-    last_error TEXT,
-    updated_at REAL NOT NULL,
-    resume_state TEXT,
-    UNIQUE(file_id, member, destination)
-);
+""" + _table("deliveries", Delivery, "UNIQUE(file_id, member, destination)") + """
 CREATE INDEX IF NOT EXISTS deliveries_state ON deliveries(state);
 CREATE TABLE IF NOT EXISTS history(
     route TEXT NOT NULL,
@@ -111,52 +138,15 @@ BEGIN
 END;
 """
 
-FILE_STATES = ("seen", "waiting", "ready", "delivering", "delivered", "done", "failed",
-               "quarantined")
-DELIVERY_STATES = ("pending", "staging", "renaming", "signalling", "retry_wait", "delivered",
-                   "failed")
 
-
-@dataclass
-class FileRow:
-    id: int
-    source: str
-    rel: str
-    kind: str
-    route: str | None
-    state: str
-    reason: str | None
-    signal: str | None
-    declared_algo: str | None
-    declared_digest: str | None
-    sha256: str | None
-    size: int | None
-    fingerprint: str | None
-    generation: int
-    first_seen: float
-    waiting_since: float | None
-    ready_at: float | None
-    updated_at: float
-
-
-@dataclass
-class Delivery:
-    id: int
-    file_id: int
-    member: str
-    destination: str
-    target: str
-    tmp: str | None
-    state: str
-    sha256: str | None
-    size: int | None
-    acked: int
-    attempts: int
-    fallbacks: int
-    next_try_at: float | None
-    last_error: str | None
-    updated_at: float
-    resume_state: str | None  # the backend's own resume record (e.g. an upload's parts)
+def _allowed(column: str, state: str | None, kind: type[FileState] | type[DeliveryState]
+             ) -> tuple[str, tuple[str, ...]]:
+    """The condition that makes a state change conditional on a move relay makes:
+    ('' and no parameters when no state is set)."""
+    if state is None:
+        return "", ()
+    moves = sources_of(kind(state))
+    return f" AND {column} IN ({','.join('?' * len(moves))})", moves
 
 
 def _to_sql(value: object) -> object:
@@ -198,15 +188,6 @@ class _Connection(sqlite3.Connection):
 
     def executemany(self, sql: str, seq: Any, /) -> sqlite3.Cursor:
         return super().executemany(sql, [_adapt(p) for p in seq])
-
-
-# Explicit column lists in dataclass order, so rows are built positionally (cheaper than
-# a dict per row) whatever the column order of an existing database file.
-_FILE_COLS = ("id, source, rel, kind, route, state, reason, signal, declared_algo, "
-              "declared_digest, sha256, size, fingerprint, generation, first_seen, "
-              "waiting_since, ready_at, updated_at")
-_DELIVERY_COLS = ("id, file_id, member, destination, target, tmp, state, sha256, size, acked, "
-                  "attempts, fallbacks, next_try_at, last_error, updated_at, resume_state")
 
 
 class Journal(GroupCommit):
@@ -259,7 +240,7 @@ class Journal(GroupCommit):
                               (file_id,)).fetchone()
         return FileRow(*_decoded(row)) if row else None
 
-    def files(self, *states: str) -> list[FileRow]:
+    def files(self, *states: FileState) -> list[FileRow]:
         if states:
             marks = ",".join("?" * len(states))
             rows = self.db.execute(f"SELECT {_FILE_COLS} FROM files WHERE state IN ({marks}) "
@@ -271,34 +252,56 @@ class Journal(GroupCommit):
     def upsert_file(self, source: str, rel: str, kind: str, **fields: Any) -> FileRow:
         """Insert or update a file row; ``fields`` are column values. Returns the row.
         One statement: a new row gets state 'seen' and first_seen unless given; an
-        existing one only the given fields."""
+        existing one only the given fields (a state among them only as a move
+        :mod:`relay.states` allows)."""
         now = time.time()
         fields["updated_at"] = now
-        insert = {"state": "seen", "first_seen": now, **fields}
+        insert = {"state": FileState.SEEN, "first_seen": now, **fields}
         cols = ["source", "rel", "kind", *insert]
         sets = ",".join(f"{k}=excluded.{k}" for k in fields)
+        where, moves = _allowed("files.state", fields.get("state"), FileState)
         with self.tx(atomic=False) as db:
-            row = db.execute(f"INSERT INTO files({','.join(cols)}) VALUES "
-                             f"({','.join('?' * len(cols))}) ON CONFLICT(source, rel, kind) "
-                             f"DO UPDATE SET {sets} RETURNING {_FILE_COLS}",
-                             (source, rel, kind, *insert.values())).fetchall()[0]
-        return FileRow(*_decoded(row))
+            rows = db.execute(f"INSERT INTO files({','.join(cols)}) VALUES "
+                              f"({','.join('?' * len(cols))}) ON CONFLICT(source, rel, kind) "
+                              f"DO UPDATE SET {sets}{where} RETURNING {_FILE_COLS}",
+                              (source, rel, kind, *insert.values(), *moves)).fetchall()
+        if not rows:
+            row = self.get_file(source, rel, kind)
+            raise JournalError(f"file {source}:{rel}: {row.state if row else '?'} → "
+                               f"{fields.get('state')} is not a move relay makes")
+        return FileRow(*_decoded(rows[0]))
 
     def update_file(self, file_id: int, **fields: Any) -> None:
+        """Set columns of a file; a new state only as a move :mod:`relay.states` allows
+        (JournalError otherwise). A file that is gone is no error: nothing is set."""
         fields["updated_at"] = time.time()
         sets = ",".join(f"{k}=?" for k in fields)
+        where, moves = _allowed("state", fields.get("state"), FileState)
         with self.tx(atomic=False) as db:
-            db.execute(f"UPDATE files SET {sets} WHERE id=?", (*fields.values(), file_id))
+            cur = db.execute(f"UPDATE files SET {sets} WHERE id=?{where}",
+                             (*fields.values(), file_id, *moves))
+            if where and not cur.rowcount:
+                self._refused("files", file_id, fields["state"])
 
     def new_generation(self, file_id: int, **fields: Any) -> None:
         """New content under a known name: forget this file's per-destination rows (the
         ``history`` keeps what was delivered, for idempotency)."""
         fields["updated_at"] = time.time()
         sets = ",".join(f"{k}=?" for k in fields)
+        where, moves = _allowed("state", fields.get("state"), FileState)
         with self.tx() as db:
             db.execute("DELETE FROM deliveries WHERE file_id=?", (file_id,))
-            db.execute(f"UPDATE files SET generation=generation+1, {sets} WHERE id=?",
-                       (*fields.values(), file_id))
+            cur = db.execute(f"UPDATE files SET generation=generation+1, {sets} WHERE id=?"
+                             f"{where}", (*fields.values(), file_id, *moves))
+            if where and not cur.rowcount:
+                self._refused("files", file_id, fields["state"])
+
+    def _refused(self, table: str, row_id: int, state: object) -> None:
+        """A conditional state change matched no row: gone (no error), or not allowed."""
+        row = self.db.execute(f"SELECT state FROM {table} WHERE id=?", (row_id,)).fetchone()
+        if row is not None:
+            raise JournalError(f"{table} row {row_id}: {row[0]} → {state} is not a move "
+                               "relay makes")
 
     def delete_file(self, file_id: int) -> None:
         with self.tx(atomic=False) as db:
@@ -323,13 +326,18 @@ class Journal(GroupCommit):
                     f" RETURNING {_DELIVERY_COLS}", (file_id, m, d, t, now)).fetchall()
             # The readiness reason goes; a retry's reason ("disk full") stays visible in
             # `relay status` while the next attempt runs.
-            db.execute("UPDATE files SET reason=CASE WHEN state='delivering' THEN reason END,"
-                       " state='delivering', updated_at=? WHERE id=?", (now, file_id))
+            cur = db.execute(
+                "UPDATE files SET reason=CASE WHEN state='delivering' THEN reason END,"
+                " state='delivering', updated_at=? WHERE id=? AND state IN ('ready',"
+                " 'delivering')", (now, file_id))
+            if not cur.rowcount:
+                self._refused("files", file_id, FileState.DELIVERING)
         if len(created) < len(plan):
             return None
         return [Delivery(*_decoded(r)) for r in created]
 
-    def deliveries(self, file_id: int | None = None, *states: str) -> list[Delivery]:
+    def deliveries(self, file_id: int | None = None, *states: DeliveryState
+                   ) -> list[Delivery]:
         q, args = f"SELECT {_DELIVERY_COLS} FROM deliveries WHERE 1=1", list[object]()
         if file_id is not None:
             q += " AND file_id=?"
@@ -340,10 +348,16 @@ class Journal(GroupCommit):
         return [Delivery(*_decoded(r)) for r in self.db.execute(q + " ORDER BY id", args)]
 
     def update_delivery(self, delivery_id: int, **fields: Any) -> None:
+        """Set columns of a delivery; a new state only as a move :mod:`relay.states`
+        allows (JournalError otherwise)."""
         fields["updated_at"] = time.time()
         sets = ",".join(f"{k}=?" for k in fields)
+        where, moves = _allowed("state", fields.get("state"), DeliveryState)
         with self.tx(atomic=False) as db:
-            db.execute(f"UPDATE deliveries SET {sets} WHERE id=?", (*fields.values(), delivery_id))
+            cur = db.execute(f"UPDATE deliveries SET {sets} WHERE id=?{where}",
+                             (*fields.values(), delivery_id, *moves))
+            if where and not cur.rowcount:
+                self._refused("deliveries", delivery_id, fields["state"])
 
     def mark_renaming(self, staged: list[tuple[int, str, str, int]]) -> None:
         """(delivery id, temporary, sha256, size) → 'renaming', all in one transaction.
@@ -353,16 +367,43 @@ class Journal(GroupCommit):
             return
         now = time.time()
         with self.tx(atomic=len(staged) > 1) as db:  # one row: one statement, atomic
-            db.executemany("UPDATE deliveries SET state='renaming', tmp=?, sha256=?, size=?, "
-                           "acked=?, updated_at=? WHERE id=?",
-                           [(tmp, sha, size, size, now, i) for i, tmp, sha, size in staged])
+            cur = db.executemany(
+                "UPDATE deliveries SET state='renaming', tmp=?, sha256=?, size=?, acked=?, "
+                "updated_at=? WHERE id=? AND state IN ('staging', 'renaming')",
+                [(tmp, sha, size, size, now, i) for i, tmp, sha, size in staged])
+            if cur.rowcount != len(staged):
+                for i, *_ in staged:
+                    self._refused_unless(i, DeliveryState.RENAMING)
 
     def mark_delivered(self, d: Delivery, sha256: str) -> None:
         """'delivered'; the trigger adds the history row (under the file's route)."""
+        where, moves = _allowed("state", DeliveryState.DELIVERED, DeliveryState)
         with self.tx(atomic=False) as db:  # one statement (and its trigger): atomic
-            db.execute("UPDATE deliveries SET state='delivered', sha256=?, last_error=NULL, "
-                       "next_try_at=NULL, updated_at=? WHERE id=?", (sha256, time.time(), d.id))
-        d.state = "delivered"
+            cur = db.execute("UPDATE deliveries SET state='delivered', sha256=?, "
+                             f"last_error=NULL, next_try_at=NULL, updated_at=? WHERE id=?{where}",
+                             (sha256, time.time(), d.id, *moves))
+            if not cur.rowcount:
+                self._refused("deliveries", d.id, DeliveryState.DELIVERED)
+        d.state = DeliveryState.DELIVERED
+
+    def _refused_unless(self, delivery_id: int, state: DeliveryState) -> None:
+        row = self.db.execute("SELECT state FROM deliveries WHERE id=?",
+                              (delivery_id,)).fetchone()
+        if row is not None and row[0] != state:
+            raise JournalError(f"deliveries row {delivery_id}: {row[0]} → {state} is not a "
+                               "move relay makes")
+
+    def requeue(self, file_id: int, reason: str) -> None:
+        """`relay retry`: a failed or quarantined file back to waiting, to be evaluated
+        afresh (its fingerprint forgotten); its deliveries that gave up or wait for a retry
+        back to pending with their attempts forgotten."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute("UPDATE deliveries SET state='pending', attempts=0, next_try_at=NULL,"
+                       " updated_at=? WHERE file_id=? AND state IN ('failed', 'retry_wait')",
+                       (now, file_id))
+        self.update_file(file_id, state=FileState.WAITING, reason=reason, fingerprint=None,
+                         waiting_since=now)
 
     def already_delivered(self, route: str, destination: str, member: str, sha256: str) -> bool:
         return self.db.execute(

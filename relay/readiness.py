@@ -32,6 +32,7 @@ from relay.signal_files import (
     parse_digest,
     parse_manifest,
 )
+from relay.states import Verdict
 
 __all__ = [
     "Evidence",
@@ -67,7 +68,7 @@ class Evidence:
     """Why a payload is (not) ready: what ``relay explain`` shows."""
 
     rel: str
-    verdict: Literal["ready", "waiting", "invalid", "gone"]
+    verdict: Verdict
     reason: str
     signal: str | None = None
     declared: Declared | None = None
@@ -151,47 +152,47 @@ def decide(
     name = PurePosixPath(rel).name
     if payload is not None and not stat.S_ISREG(payload.st_mode):
         kind = "a symlink" if stat.S_ISLNK(payload.st_mode) else "not a regular file"
-        return Evidence(rel, "invalid", f"payload is {kind}; never followed")
+        return Evidence(rel, Verdict.INVALID, f"payload is {kind}; never followed")
     notes: list[str] = []
     for sig, algo, body in sidecars:
         if isinstance(body, Exception):
-            return Evidence(rel, "invalid", f"malformed sidecar {sig}: {body}", signal=sig)
+            return Evidence(rel, Verdict.INVALID, f"malformed sidecar {sig}: {body}", signal=sig)
         try:
             a, h = parse_digest(body, algo, name)
         except MalformedSignal as exc:
-            return Evidence(rel, "invalid", f"malformed sidecar {sig}: {exc}", signal=sig,
+            return Evidence(rel, Verdict.INVALID, f"malformed sidecar {sig}: {exc}", signal=sig,
                             notes=notes)
         ev_decl = Declared(a, h, sig)
         if payload is None:
-            return Evidence(rel, "waiting", f"sidecar {sig} present, payload missing",
+            return Evidence(rel, Verdict.WAITING, f"sidecar {sig} present, payload missing",
                             signal=sig, declared=ev_decl, notes=notes)
-        return Evidence(rel, "ready", f"sidecar {sig} declares {a}", signal=sig,
+        return Evidence(rel, Verdict.READY, f"sidecar {sig} declares {a}", signal=sig,
                         declared=ev_decl, size=payload.st_size, notes=notes)
     for sig, mst, body in markers:
         if isinstance(body, Exception):
-            return Evidence(rel, "invalid", f"marker {sig}: {body}", signal=sig)
+            return Evidence(rel, Verdict.INVALID, f"marker {sig}: {body}", signal=sig)
         if payload is None:
-            return Evidence(rel, "waiting", f"marker {sig} present, payload missing",
+            return Evidence(rel, Verdict.WAITING, f"marker {sig} present, payload missing",
                             signal=sig, notes=notes)
         declared = None
         if body.strip():
             try:
                 a, h = parse_digest(body, None, name)
             except MalformedSignal as exc:
-                return Evidence(rel, "invalid", f"malformed digest in marker {sig}: {exc}",
+                return Evidence(rel, Verdict.INVALID, f"malformed digest in marker {sig}: {exc}",
                                 signal=sig)
             declared = Declared(a, h, sig)
         elif _stale(marker_stale, payload.st_mtime_ns, mst.st_mtime_ns):
             # The payload changed after the (empty) marker was written: the marker
             # cannot vouch for these bytes. Only a rewrite of the marker can.
-            return Evidence(rel, "waiting",
+            return Evidence(rel, Verdict.WAITING,
                             f"payload changed after marker {sig}; waiting for a new marker",
                             signal=sig, notes=notes, stale=True)
-        return Evidence(rel, "ready", f"marker {sig}" + (" with digest" if declared else ""),
+        return Evidence(rel, Verdict.READY, f"marker {sig}" + (" with digest" if declared else ""),
                         signal=sig, declared=declared, size=payload.st_size, notes=notes)
     if payload is None:
-        return Evidence(rel, "gone", "payload and signals are gone")
-    return Evidence(rel, "waiting", "no sidecar or marker yet", size=payload.st_size,
+        return Evidence(rel, Verdict.GONE, "payload and signals are gone")
+    return Evidence(rel, Verdict.WAITING, "no sidecar or marker yet", size=payload.st_size,
                     notes=notes)
 
 
@@ -214,7 +215,7 @@ def gather(root: Path, rel: str, ready: ReadyRule,
     """Read the payload's stat and its signal files under ``root``, then :func:`decide`."""
     link = through_symlink(root, rel)
     if link is not None:
-        return Evidence(rel, "invalid", f"reached through symlinked folder {link}; "
+        return Evidence(rel, Verdict.INVALID, f"reached through symlinked folder {link}; "
                         "never followed", fingerprint=f"link:{link}")
     pst = _stat(root / rel)
     sidecars: list[tuple[str, str, str | Exception]] = []
@@ -258,7 +259,7 @@ class BatchEvidence:
     """A directory batch: its members and the digests they must have."""
 
     directory: str
-    verdict: Literal["ready", "waiting", "invalid", "gone"]
+    verdict: Verdict
     reason: str
     members: dict[str, Declared | None] = field(default_factory=dict)
     fingerprint: str = ""
@@ -278,7 +279,7 @@ def gather_batch(root: Path, directory: str, ready: ReadyRule, ignored: object) 
     marker_rel = prefix + ready.directory_marker
     mst = _stat(root / marker_rel)
     if mst is None:
-        return BatchEvidence(directory, "gone", "directory marker is gone")
+        return BatchEvidence(directory, Verdict.GONE, "directory marker is gone")
     fps = [_fp(mst)]
     members: dict[str, Declared | None] = {}
     manifest_rel = prefix + ready.manifest if ready.manifest else None
@@ -286,22 +287,22 @@ def gather_batch(root: Path, directory: str, ready: ReadyRule, ignored: object) 
         try:
             listed = parse_manifest(_read_small(root / manifest_rel))
         except (OSError, MalformedSignal) as exc:
-            return BatchEvidence(directory, "invalid", f"manifest {manifest_rel}: {exc}")
+            return BatchEvidence(directory, Verdict.INVALID, f"manifest {manifest_rel}: {exc}")
         for name, (algo, hexd) in sorted(listed.items()):
             try:
                 member = safe_relpath(prefix + safe_relpath(name))
             except UnsafePathError as exc:
-                return BatchEvidence(directory, "invalid", f"manifest {manifest_rel}: {exc}")
+                return BatchEvidence(directory, Verdict.INVALID, f"manifest {manifest_rel}: {exc}")
             link = through_symlink(root, member)
             if link is not None:
-                return BatchEvidence(directory, "invalid", f"manifest {manifest_rel}: member "
+                return BatchEvidence(directory, Verdict.INVALID, f"manifest {manifest_rel}: member "
                                      f"{member} is reached through symlinked folder {link}; "
                                      "never followed")
             st = _stat(root / member)
             if st is None:
-                return BatchEvidence(directory, "waiting", f"member {member} not present yet")
+                return BatchEvidence(directory, Verdict.WAITING, f"member {member} not present yet")
             if not stat.S_ISREG(st.st_mode):
-                return BatchEvidence(directory, "invalid", f"member {member} is not a file")
+                return BatchEvidence(directory, Verdict.INVALID, f"member {member} is not a file")
             fps.append(_fp(st))
             members[member] = Declared(algo, hexd, manifest_rel)
         members[manifest_rel] = None
@@ -319,11 +320,11 @@ def gather_batch(root: Path, directory: str, ready: ReadyRule, ignored: object) 
                 if st is None or not stat.S_ISREG(st.st_mode):
                     continue
                 if st.st_mtime_ns > mst.st_mtime_ns:
-                    return BatchEvidence(directory, "waiting",
+                    return BatchEvidence(directory, Verdict.WAITING,
                                          f"member {rel} changed after {marker_rel}")
                 fps.append(_fp(st))
                 members[rel] = None
     if not members:
-        return BatchEvidence(directory, "waiting", "directory marker present, no members")
-    return BatchEvidence(directory, "ready", f"directory marker {marker_rel}", members,
+        return BatchEvidence(directory, Verdict.WAITING, "directory marker present, no members")
+    return BatchEvidence(directory, Verdict.READY, f"directory marker {marker_rel}", members,
                          "|".join(fps))

@@ -14,6 +14,7 @@ from relay.journal import Journal
 from relay.progressbar import ProgressBar
 from relay.readiness import classify, gather
 from relay.rules import Rules
+from relay.states import DeliveryState, FileState
 
 __all__ = ["explain", "retry", "status"]
 
@@ -34,11 +35,12 @@ def status(settings: Settings, as_json: bool = False, limit: int = 20) -> int:
     try:
         data: dict[str, Any] = {"files": j.counts(), "deliveries": j.delivery_counts(),
                                 "delivered_total": j.history_count(), "lists": {}}
-        for state in ("waiting", "ready", "delivering", "failed", "quarantined"):
+        for state in (FileState.WAITING, FileState.READY, FileState.DELIVERING, FileState.FAILED,
+                      FileState.QUARANTINED):
             rows = j.files(state)[:limit]
             items = []
             for r in rows:
-                ds = [d for d in j.deliveries(r.id) if d.state != "delivered"]
+                ds = [d for d in j.deliveries(r.id) if d.state != DeliveryState.DELIVERED]
                 items.append({
                     "file": r.rel, "source": r.source, "route": r.route, "kind": r.kind,
                     "reason": r.reason, "since": r.waiting_since or r.updated_at,
@@ -46,7 +48,7 @@ def status(settings: Settings, as_json: bool = False, limit: int = 20) -> int:
                                     "attempt": d.attempts, "next_try_at": d.next_try_at,
                                     "acked": d.acked, "size": d.size,
                                     "percent": _percent(d.acked, d.size)
-                                    if d.state == "staging" else None,
+                                    if d.state == DeliveryState.STAGING else None,
                                     "error": d.last_error} for d in ds],
                 })
             data["lists"][state] = items
@@ -152,13 +154,10 @@ def retry(settings: Settings, paths: list[str]) -> int:
     j = _open(settings)
     n = 0
     try:
-        for row in j.files("failed", "quarantined"):
+        for row in j.files(FileState.FAILED, FileState.QUARANTINED):
             if paths and row.rel not in paths:
                 continue
-            j.db.execute("UPDATE deliveries SET state='pending', attempts=0, next_try_at=NULL "
-                         "WHERE file_id=? AND state IN ('failed','retry_wait')", (row.id,))
-            j.update_file(row.id, state="waiting", reason="re-queued by relay retry",
-                          fingerprint=None, waiting_since=time.time())
+            j.requeue(row.id, "re-queued by relay retry")
             n += 1
     finally:
         j.close()

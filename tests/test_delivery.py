@@ -6,14 +6,14 @@ import asyncio
 import hashlib
 from pathlib import Path
 
-from relay.delivery import Member, deliver_to
+from relay.delivery import Member, RetryPolicy, deliver_to
 from relay.destinations.memory import MemoryDestination, MemoryRule, Store, store
 from relay.errors import RetryableError
 from relay.journal import Journal
 from relay.rules import Route
 
 ROUTE = Route(name="r", source="in", to=("o",))
-RETRY = (0.1, 1.0, 3)
+RETRY = RetryPolicy(0.1, 1.0, 3)
 
 
 def _generation(journal: Journal, src: Path, dest: MemoryDestination, content: bytes,

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from relay.delivery import Member, deliver_to, signal_body
+from relay.delivery import Member, RetryPolicy, deliver_to, signal_body
 from relay.destinations.base import Destination, Staged
 from relay.destinations.local import LocalDestination, LocalRule
 from relay.destinations.memory import MemoryDestination, MemoryRule, store
@@ -34,7 +34,7 @@ from tests.sshd_server import Sshd, sshd  # noqa: F401
 
 pytestmark = pytest.mark.timeout(120)
 ROUTE = Route(name="r", source="in", to=("far",))
-RETRY = (0.05, 0.2, 3)
+RETRY = RetryPolicy(0.05, 0.2, 3)
 
 
 @dataclass

@@ -194,13 +194,14 @@ def test_a_name_that_is_not_utf8_round_trips_as_its_bytes(tmp_path: Path) -> Non
     same str, and read back as that str; UTF-8 names stay TEXT."""
     j = Journal(tmp_path / "j.sqlite3")
     try:
-        row = j.upsert_file("in", NOT_UTF8, "file", route="r", state="waiting",
+        row = j.upsert_file("in", NOT_UTF8, "file", route="r", state="ready",
                             reason=f"malformed sidecar {NOT_UTF8}.sha256: empty")
         assert row.rel == NOT_UTF8 and row.reason is not None and NOT_UTF8 in row.reason
         assert j.get_file("in", NOT_UTF8) == row
         j.plan_deliveries(row.id, [(NOT_UTF8, "o", f"out/{NOT_UTF8}")])
         [d] = j.deliveries(row.id)
         assert (d.member, d.target) == (NOT_UTF8, f"out/{NOT_UTF8}")
+        j.update_delivery(d.id, state="staging")
         j.mark_delivered(d, "0" * 64)
         assert j.already_delivered("r", "o", NOT_UTF8, "0" * 64)
         j.upsert_file("in", "café.csv", "file", route="r")
@@ -280,16 +281,19 @@ def test_a_files_digest_is_journalled_with_its_first_staged_delivery(tmp_path: P
         j.mark_renaming([(d1.id, ".a.csv.tmp", "aa", 7)])
         after = j.file_by_id(f.id)
         assert after is not None and (after.sha256, after.size) == ("aa", 7)
+        j.update_delivery(d2.id, state="staging")
         j.mark_delivered(d2, "bb")  # a later one never overwrites it
         assert (j.file_by_id(f.id) or f).sha256 == "aa"
 
         g = j.upsert_file("in", "b.csv", "file", route="r", state="ready")
         (dup,) = j.plan_deliveries(g.id, [("b.csv", "o1", "b.csv")]) or []
+        j.update_delivery(dup.id, state="staging")
         j.mark_delivered(dup, "cc")  # the same content was delivered before: skipped
         assert (j.file_by_id(g.id) or g).sha256 == "cc"
 
         b = j.upsert_file("in", "d", "batch", route="r", state="ready")
         (m,) = j.plan_deliveries(b.id, [("d/x", "o1", "d/x")]) or []
+        j.update_delivery(m.id, state="staging")
         j.mark_renaming([(m.id, "d/.x.tmp", "dd", 1)])
         assert (j.file_by_id(b.id) or b).sha256 is None
     finally:
