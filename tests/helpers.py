@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ import yaml
 
 from relay.destinations.base import Destination, Resume, Staged
 from relay.payload import Payload
+from tests.tcp_proxy import TcpProxy
 
 RELAY = [sys.executable, "-m", "relay.cli"]
 
@@ -200,3 +202,49 @@ async def write_to(dest: Destination, src: Path, target: str, algos: tuple[str, 
                                   Recorder(acked, on_progress=progress))
         staged.digests = payload.digests()
     return staged
+
+def journal_acked(journal: Path) -> int:
+    """The most bytes a delivery in ``staging`` has journalled as acknowledged (0: none)."""
+    if not journal.exists():
+        return 0
+    with sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5) as db:
+        row = db.execute("SELECT MAX(acked) FROM deliveries WHERE state = 'staging'").fetchone()
+    return int(row[0] or 0)
+
+
+def journal_delivery(journal: Path) -> tuple[str, int, int]:
+    """(state, attempts, fallbacks) of the journal's one delivery."""
+    with sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5) as db:
+        row = db.execute("SELECT state, attempts, fallbacks FROM deliveries").fetchone()
+    return str(row[0]), int(row[1]), int(row[2])
+
+
+def run_cut_transfer(tmp_path: Path, proxy: TcpProxy, url: str, identity: Path,
+                     kh: Path, out: Path, size: int,
+                     before_cut: Callable[[], None] = lambda: None,
+                     data: bytes | None = None, **dest: Any) -> tuple[bytes, RelayProc]:
+    """Drop one file (``data``, or ``size`` random bytes) for `relay run` to the SFTP
+    destination ``url``
+    (more destination options in ``dest``), cut the connection right after the journal
+    records progress, and wait until the file and its sidecar arrived in ``out``."""
+    src = tmp_path / "landing"
+    src.mkdir()
+    rules = write_rules(tmp_path / "rules", source=src, dests={"p": url}, extra_dest={
+        "p": {"identity": str(identity), "known_hosts": str(kh), "login_timeout": "5s",
+              **dest}})
+    relay = RelayProc(tmp_path, rules, RELAY_RETRY_BASE="0.1", RELAY_RETRY_CAP="0.5").start()
+    try:
+        relay.wait_started()
+        data = os.urandom(size) if data is None else data
+        drop(src, "big.bin", data)
+        journal = tmp_path / "journal.sqlite3"
+        wait_for(lambda: journal_acked(journal) > 0, 30, "acknowledged progress in the journal")
+        before_cut()
+        proxy.cut()
+        wait_for(lambda: (out / "big.bin.sha256").exists(), 30, "delivery after the cut")
+    except BaseException:
+        print(relay.logs()[-4000:])
+        raise
+    finally:
+        relay.stop()
+    return data, relay

@@ -6,8 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from relay.destinations.sftp.destination import SftpDestination
 from relay.destinations.sftp.rule import SftpRule
 from relay.errors import RetryableError
 from tests.fault_sftp import FaultServer, fault_server
-from tests.helpers import RelayProc, drop, sha256, wait_for, write_rules, write_to
+from tests.helpers import journal_delivery, run_cut_transfer, sha256, write_to
 from tests.sshd_server import Sshd, sftp_dir, sshd  # noqa: F401
 from tests.tcp_proxy import TcpProxy
 
@@ -210,47 +209,6 @@ def test_readback_prefix_mismatch_falls_back(tmp_path: Path, sshd: Sshd,  # noqa
 # -- through `relay run` ---------------------------------------------------------------------
 
 
-def _acked(journal: Path) -> int:
-    if not journal.exists():
-        return 0
-    with sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5) as db:
-        row = db.execute("SELECT MAX(acked) FROM deliveries WHERE state = 'staging'").fetchone()
-    return int(row[0] or 0)
-
-
-def _delivery(journal: Path) -> tuple[str, int, int]:
-    with sqlite3.connect(f"file:{journal}?mode=ro", uri=True, timeout=5) as db:
-        row = db.execute("SELECT state, attempts, fallbacks FROM deliveries").fetchone()
-    return str(row[0]), int(row[1]), int(row[2])
-
-
-def _run_cut_transfer(tmp_path: Path, proxy: TcpProxy, url: str, identity: Path,
-                      kh: Path, out: Path, size: int,
-                      before_cut: Callable[[], None] = lambda: None) -> tuple[bytes, RelayProc]:
-    """Drop one file for `relay run`, cut the connection right after the journal records
-    progress, and wait until the file and its sidecar arrived."""
-    src = tmp_path / "landing"
-    src.mkdir()
-    rules = write_rules(tmp_path / "rules", source=src, dests={"p": url}, extra_dest={
-        "p": {"identity": str(identity), "known_hosts": str(kh), "login_timeout": "5s"}})
-    relay = RelayProc(tmp_path, rules, RELAY_RETRY_BASE="0.1", RELAY_RETRY_CAP="0.5").start()
-    try:
-        relay.wait_started()
-        data = os.urandom(size)
-        drop(src, "big.bin", data)
-        journal = tmp_path / "journal.sqlite3"
-        wait_for(lambda: _acked(journal) > 0, 30, "acknowledged progress in the journal")
-        before_cut()
-        proxy.cut()
-        wait_for(lambda: (out / "big.bin.sha256").exists(), 30, "delivery after the cut")
-    except BaseException:
-        print(relay.logs()[-4000:])
-        raise
-    finally:
-        relay.stop()
-    return data, relay
-
-
 def test_relay_run_resumes_after_cut(tmp_path: Path, sshd: Sshd,  # noqa: F811
                                      sftp_dir: Path) -> None:  # noqa: F811
     """`relay run` to real sshd: the connection is cut mid-file; the retry resumes from the
@@ -260,14 +218,14 @@ def test_relay_run_resumes_after_cut(tmp_path: Path, sshd: Sshd,  # noqa: F811
         kh = tmp_path / "kh"
         kh.write_text(f"[127.0.0.1]:{proxy.port} {sshd.host_public_key}\n")
         url = f"sftp://{sshd.user}@127.0.0.1:{proxy.port}{sftp_dir}"
-        data, relay = _run_cut_transfer(tmp_path, proxy, url, sshd.client_key, kh, sftp_dir,
+        data, relay = run_cut_transfer(tmp_path, proxy, url, sshd.client_key, kh, sftp_dir,
                                         size)
         assert proxy.cuts == 1 and proxy.connections == 2
         assert proxy.bytes_up < 1.15 * size, proxy.bytes_up / size
     assert (sftp_dir / "big.bin").read_bytes() == data
     assert (sftp_dir / "big.bin.sha256").read_text() == f"{sha256(data)}  big.bin\n"
     assert "transfer_resumed" in relay.logs()
-    assert _delivery(tmp_path / "journal.sqlite3") == ("delivered", 2, 0)
+    assert journal_delivery(tmp_path / "journal.sqlite3") == ("delivered", 2, 0)
 
 
 def test_relay_run_counts_fallback(tmp_path: Path, faulty: FaultServer) -> None:
@@ -283,8 +241,8 @@ def test_relay_run_counts_fallback(tmp_path: Path, faulty: FaultServer) -> None:
         def truncate_from_now_on() -> None:
             faulty.faults.truncate_on_open = True
 
-        data, relay = _run_cut_transfer(tmp_path, proxy, url, faulty.client_key, kh,
+        data, relay = run_cut_transfer(tmp_path, proxy, url, faulty.client_key, kh,
                                         faulty.root, size, truncate_from_now_on)
     assert (faulty.root / "big.bin").read_bytes() == data
     assert "transfer_resume_fallback" in relay.logs(), relay.logs()[-6000:]
-    assert _delivery(tmp_path / "journal.sqlite3") == ("delivered", 2, 1)
+    assert journal_delivery(tmp_path / "journal.sqlite3") == ("delivered", 2, 1)
