@@ -12,6 +12,7 @@ When ``/usr/sbin/sshd`` is missing the fixture FAILS (never skips): install Debi
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import getpass
 import os
@@ -27,7 +28,8 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-__all__ = ["SSHD", "Sshd", "free_port", "make_key", "running_sshd", "sftp_dir", "sshd"]
+__all__ = ["SSHD", "Sshd", "free_port", "make_key", "running_sshd", "server_dir", "sftp_dir",
+           "sftp_mkdir", "sshd", "stop_process_group", "wait_banner"]
 
 SSHD = Path(os.environ.get("RELAY_TEST_SSHD", "/usr/sbin/sshd"))
 MISSING = (f"OpenSSH server not found at {SSHD}: install Debian's openssh-server "
@@ -48,11 +50,21 @@ class Sshd:
     workdir: Path
     log: Path
     pid: int
+    served: Path | None = None  # the local folder that is "/" to the server's clients
+    #                             (a chroot, rclone's served folder); None: the real "/"
 
     def url(self, path: Path | str) -> str:
         """``sftp://user@127.0.0.1:PORT/abs/path`` (``[::1]`` on IPv6) for a folder here."""
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"sftp://{self.user}@{host}:{self.port}{Path(path).absolute()}"
+        return f"sftp://{self.user}@{host}:{self.port}{self.server_path(path)}"
+
+    def server_path(self, path: Path | str) -> str:
+        """The absolute path the server's clients use for the local ``path``."""
+        local = Path(path).absolute()
+        if self.served is None:
+            return local.as_posix()
+        rel = local.relative_to(self.served).as_posix()
+        return "/" if rel == "." else f"/{rel}"
 
     def logins(self) -> int:
         """How many sessions the server has accepted so far (from its verbose log)."""
@@ -81,6 +93,19 @@ def _banner(host: str, port: int) -> bool:
             return s.recv(8).startswith(b"SSH-")
     except OSError:
         return False
+
+
+def wait_banner(proc: subprocess.Popen[bytes], host: str, port: int, timeout: float) -> bool:
+    """Wait until the server ``proc`` greets with an SSH banner on ``host:port``: True;
+    False if it exited first or ``timeout`` seconds passed (the caller tells which)."""
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None:
+        if _banner(host, port):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)  # polling a server that is starting up, with a deadline
+    return False
 
 
 def _config(work: Path, host: str, port: int, extra: str) -> Path:
@@ -135,15 +160,12 @@ def running_sshd(work: Path, extra_config: str = "", host: str = "127.0.0.1"
         with open(log, "ab") as logf:
             proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(conf)], stdout=logf,
                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 10
-        while proc.poll() is None and not _banner(host, port):
-            if time.monotonic() > deadline:
-                _stop(proc)
-                raise RuntimeError(f"sshd did not answer on port {port} within 10 s; "
-                                   f"log:\n{log.read_text(errors='replace')[-2000:]}")
-            time.sleep(0.02)
-        if proc.poll() is None:
+        if wait_banner(proc, host, port, 10):
             break
+        if proc.poll() is None:
+            stop_process_group(proc)
+            raise RuntimeError(f"sshd did not answer on port {port} within 10 s; "
+                               f"log:\n{log.read_text(errors='replace')[-2000:]}")
         if "Address already in use" not in log.read_text(errors="replace"):
             raise RuntimeError(f"sshd exited with {proc.returncode}; "
                                f"log:\n{log.read_text(errors='replace')[-2000:]}")
@@ -156,11 +178,12 @@ def running_sshd(work: Path, extra_config: str = "", host: str = "127.0.0.1"
         yield Sshd(host, port, getpass.getuser(), work / "id_ed25519", known_hosts,
                    host_public, root, work, log, proc.pid)
     finally:
-        _stop(proc)
+        stop_process_group(proc)
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop the sshd we started and the per-connection children in its process group."""
+def stop_process_group(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server we started (in a session of its own) and the per-connection
+    children in its process group: SIGTERM, then SIGKILL after 5 s."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:
@@ -184,12 +207,35 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sshd]:
         pytest.fail(str(exc), pytrace=False)
 
 
+def sftp_mkdir(server: Sshd, path: Path) -> None:
+    """Make the folder ``path`` (local) through the server itself, as its SFTP user: the
+    server then knows it (rclone caches listings) and it belongs to that user."""
+    async def go() -> None:
+        async with asyncssh.connect(server.host, server.port, username=server.user,
+                                    client_keys=[str(server.client_key)],
+                                    known_hosts=str(server.known_hosts)) as conn, \
+                conn.start_sftp_client() as sftp:
+            await sftp.mkdir(server.server_path(path))
+
+    asyncio.run(asyncio.wait_for(go(), 20))
+
+
+def server_dir(server: Sshd, request: pytest.FixtureRequest) -> Path:
+    """An empty folder named after the test in ``server.root``, made through the server
+    (:func:`sftp_mkdir`) unless it is this machine's own sshd."""
+    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:80]
+    d = server.root / name
+    shutil.rmtree(d, ignore_errors=True)
+    if server.served is None and server.user == getpass.getuser():
+        d.mkdir()
+    else:
+        sftp_mkdir(server, d)
+    return d
+
+
 @pytest.fixture
 def sftp_dir(sshd: Sshd, request: pytest.FixtureRequest) -> Iterator[Path]:
     """An empty folder on the test server for one test; removed afterwards."""
-    name = "".join(c if c.isalnum() else "-" for c in request.node.name)[:80]
-    d = sshd.root / name
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir()
+    d = server_dir(sshd, request)
     yield d
     shutil.rmtree(d, ignore_errors=True)

@@ -244,7 +244,8 @@ class SftpDestination:
             if early is not None:
                 early.acked(n)
 
-        async with sftp.open(path, "r+b" if start else "wb", block_size=0) as f:
+        async with (await (sftp.open(path, "r+b", block_size=0) if start else
+                           self._create(sftp, path, block_size=0))) as f:
             if start and ((await f.stat()).size or 0) < start:
                 return -1, 0, False, 0
             write_len = min(sftp.limits.max_write_len, MAX_WRITE)
@@ -263,6 +264,25 @@ class SftpDestination:
                     await f.fsync()
             size = (await f.stat()).size or 0
         return total, size, fsynced, len(early.flushed) if early else 0
+
+    @staticmethod
+    async def _create(sftp: asyncssh.SFTPClient, path: str,
+                      block_size: int = -1) -> asyncssh.SFTPClientFile:
+        """Open the temporary ``path`` for writing from empty. A server that may not
+        overwrite files (ProFTPD's default ``AllowOverwrite off``) refuses to truncate a
+        temporary an earlier attempt left behind — every retry would fail the same way.
+        The name is relay's own, and its content is about to be thrown away anyway: it is
+        removed and the open tried once more. Other refusals raise as they are."""
+        try:
+            return await sftp.open(path, "wb", block_size=block_size)
+        except asyncssh.SFTPError as exc:
+            if not unsupported(exc):
+                raise
+            try:
+                await sftp.remove(path)
+            except asyncssh.SFTPError:
+                raise exc from None  # nothing of ours there: the open's refusal stands
+        return await sftp.open(path, "wb", block_size=block_size)
 
     async def _rename(self, sftp: asyncssh.SFTPClient, tmp: str, target: str) -> None:
         src, dst = self._path(tmp), self._path(target)
@@ -315,7 +335,7 @@ class SftpDestination:
         async with self.pool.op(f"writing signal {target}") as (s, sftp):
             await self._makedirs(s, sftp, posixpath.dirname(self._path(tmp)))
             await self._makedirs(s, sftp, posixpath.dirname(self._path(target)))
-            async with sftp.open(self._path(tmp), "wb") as f:
+            async with await self._create(sftp, self._path(tmp)) as f:
                 await f.write(data, 0)
                 if self.rule.fsync and self.capabilities.get("fsync"):
                     await f.fsync()
