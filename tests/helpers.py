@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import signal
 import sqlite3
@@ -132,6 +133,16 @@ class RelayProc:
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Every log event called ``name`` so far, parsed (one JSON object a line)."""
+        out = []
+        for line in self.logs().splitlines():
+            if f'"{name}"' in line:
+                event = json.loads(line)
+                if event.get("event") == name:
+                    out.append(event)
+        return out
 
 
 def one_route_zone(tmp_path: Path, **route: Any) -> tuple[Path, Path, Path]:

@@ -41,16 +41,6 @@ def faulty(tmp_path: Path, sshd: Sshd) -> Iterator[FaultServer]:  # noqa: F811
         yield fs
 
 
-def _events(relay: RelayProc, name: str) -> list[dict[str, Any]]:
-    out = []
-    for line in relay.logs().splitlines():
-        if f'"{name}"' in line:
-            with_event = json.loads(line)
-            if with_event.get("event") == name:
-                out.append(with_event)
-    return out
-
-
 def test_relay_run_delivers_over_sftp_signal_last(tmp_path: Path, sshd: Sshd,  # noqa: F811
                                                   sftp_dir: Path) -> None:  # noqa: F811
     """Files of several sizes arrive byte-identical with sidecar and marker, and a
@@ -79,8 +69,8 @@ def test_relay_run_delivers_over_sftp_signal_last(tmp_path: Path, sshd: Sshd,  #
         name = rel.rsplit("/", 1)[-1]
         assert (sftp_dir / f"{rel}.sha256").read_text() == f"{sha256(data)}  {name}\n"
     assert not [p for p in sftp_dir.rglob(".*")], "temporaries or probe files left behind"
-    assert len(_events(relay, "sftp_connected")) == 1
-    assert _events(relay, "sftp_capabilities")[0]["posix_rename"] is True
+    assert len(relay.events("sftp_connected")) == 1
+    assert relay.events("sftp_capabilities")[0]["posix_rename"] is True
 
 
 def test_many_files_one_connection_and_concurrency(tmp_path: Path, sshd: Sshd,  # noqa: F811
@@ -118,16 +108,16 @@ def test_bad_credentials_schedule_retries(tmp_path: Path, sshd: Sshd,  # noqa: F
     relay = RelayProc(tmp_path, rules, RELAY_RETRY_BASE="0.2", RELAY_RETRY_CAP="1").start()
     try:
         relay.wait_started()
-        assert "login refused" in _events(relay, "destination_unavailable")[0]["error"]
+        assert "login refused" in relay.events("destination_unavailable")[0]["error"]
         drop(src, "f.bin", b"data")
-        wait_for(lambda: len(_events(relay, "delivery_retry_scheduled")) >= 2, 30,
+        wait_for(lambda: len(relay.events("delivery_retry_scheduled")) >= 2, 30,
                  "two scheduled retries")
         assert relay.proc is not None and relay.proc.poll() is None
         status = subprocess.run([*RELAY, "status", "--json"], env=relay_env(tmp_path, rules),
                                 capture_output=True, text=True, timeout=30, check=True)
     finally:
         relay.stop()
-    retry = _events(relay, "delivery_retry_scheduled")[0]
+    retry = relay.events("delivery_retry_scheduled")[0]
     assert "login refused" in retry["error"] and retry["retry_in_s"] > 0
     delivering = json.loads(status.stdout)["lists"]["delivering"]
     assert "login refused" in delivering[0]["deliveries"][0]["error"]
@@ -150,11 +140,11 @@ def test_refused_host_key_fails_delivery(tmp_path: Path, sshd: Sshd,  # noqa: F8
     try:
         relay.wait_started()
         drop(src, "f.bin", b"data")
-        wait_for(lambda: _events(relay, "delivery_failed"), 30, "delivery_failed")
+        wait_for(lambda: relay.events("delivery_failed"), 30, "delivery_failed")
         assert relay.proc is not None and relay.proc.poll() is None
     finally:
         relay.stop()
-    failed = _events(relay, "delivery_failed")[0]
+    failed = relay.events("delivery_failed")[0]
     assert failed["permanent"] is True
     assert "host key refused" in failed["error"] and str(kh) in failed["error"]
     assert list(sftp_dir.iterdir()) == []
