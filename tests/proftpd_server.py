@@ -21,13 +21,12 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.sshd_server import Sshd, free_port, make_key, stop_process_group, wait_banner
+from tests.sshd_server import Sshd, make_key, start_on_free_port, stop_process_group
 
 __all__ = ["PROFTPD", "proftpd_overwrite_sftp", "proftpd_sftp", "running_proftpd"]
 
@@ -87,26 +86,8 @@ def running_proftpd(work: Path, allow_overwrite: bool = False) -> Iterator[Sshd]
     root = work / "root"
     root.mkdir(exist_ok=True)
     log = work / "proftpd.out"
-    proc: subprocess.Popen[bytes] | None = None
-    port = 0
-    for _ in range(5):  # the port may be taken between free_port() and bind()
-        port = free_port()
-        conf = _config(work, port, allow_overwrite)
-        with open(log, "ab") as logf:
-            proc = subprocess.Popen([str(PROFTPD), "-n", "-c", str(conf)], stdout=logf,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        if wait_banner(proc, "127.0.0.1", port, 10):
-            break
-        if proc.poll() is None:
-            stop_process_group(proc)
-            raise RuntimeError(f"proftpd did not answer on port {port} within 10 s; "
-                               f"log:\n{log.read_text(errors='replace')[-2000:]}")
-        if "Address already in use" not in log.read_text(errors="replace"):
-            raise RuntimeError(f"proftpd exited with {proc.returncode}; "
-                               f"log:\n{log.read_text(errors='replace')[-2000:]}")
-    assert proc is not None
-    if proc.poll() is not None:
-        raise RuntimeError("proftpd could not bind a free port in 5 tries")
+    proc, port = start_on_free_port("proftpd", lambda port: [
+        str(PROFTPD), "-n", "-c", str(_config(work, port, allow_overwrite))], log)
     known_hosts = work / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")
     try:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.sshd_server import Sshd, free_port, make_key, stop_process_group, wait_banner
+from tests.sshd_server import Sshd, make_key, start_on_free_port, stop_process_group
 
 __all__ = ["RCLONE", "rclone", "rclone_remote", "rclone_sftp", "running_rclone"]
 
@@ -82,29 +82,11 @@ def running_rclone(work: Path, *extra: str) -> Iterator[Sshd]:
     root = work / "root"
     root.mkdir(exist_ok=True)
     log = work / "rclone.log"
-    proc: subprocess.Popen[bytes] | None = None
-    port = 0
-    for _ in range(5):  # the port may be taken between free_port() and bind()
-        port = free_port()
-        with open(log, "ab") as logf:
-            proc = subprocess.Popen(
-                [str(RCLONE), "--config", os.devnull, "serve", "sftp", str(root),
-                 "--addr", f"127.0.0.1:{port}", "--key", str(work / "host_ed25519"),
-                 "--authorized-keys", str(work / "authorized_keys"),
-                 "--cache-dir", str(work / "cache"), "-v", *extra],
-                stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
-        if wait_banner(proc, "127.0.0.1", port, 10):
-            break
-        if proc.poll() is None:
-            stop_process_group(proc)
-            raise RuntimeError(f"rclone serve sftp did not answer on port {port} within "
-                               f"10 s; log:\n{log.read_text(errors='replace')[-2000:]}")
-        if "address already in use" not in log.read_text(errors="replace"):
-            raise RuntimeError(f"rclone serve sftp exited with {proc.returncode}; "
-                               f"log:\n{log.read_text(errors='replace')[-2000:]}")
-    assert proc is not None
-    if proc.poll() is not None:
-        raise RuntimeError("rclone serve sftp could not bind a free port in 5 tries")
+    proc, port = start_on_free_port("rclone serve sftp", lambda port: [
+        str(RCLONE), "--config", os.devnull, "serve", "sftp", str(root),
+        "--addr", f"127.0.0.1:{port}", "--key", str(work / "host_ed25519"),
+        "--authorized-keys", str(work / "authorized_keys"),
+        "--cache-dir", str(work / "cache"), "-v", *extra], log)
     known_hosts = work / "known_hosts"
     known_hosts.write_text(f"[127.0.0.1]:{port} {pub[0]} {pub[1]}\n")
     try:

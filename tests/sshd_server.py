@@ -21,7 +21,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +29,8 @@ import asyncssh
 import pytest
 
 __all__ = ["SSHD", "Sshd", "free_port", "make_key", "running_sshd", "server_dir", "sftp_dir",
-           "sftp_mkdir", "sshd", "stop_process_group", "wait_banner"]
+           "sftp_mkdir", "sshd", "start_on_free_port", "stop_process_group",
+           "wait_banner"]
 
 SSHD = Path(os.environ.get("RELAY_TEST_SSHD", "/usr/sbin/sshd"))
 MISSING = (f"OpenSSH server not found at {SSHD}: install Debian's openssh-server "
@@ -108,6 +109,30 @@ def wait_banner(proc: subprocess.Popen[bytes], host: str, port: int, timeout: fl
     return False
 
 
+def start_on_free_port(name: str, command: Callable[[int], list[str]], log: Path,
+                       host: str = "127.0.0.1") -> tuple[subprocess.Popen[bytes], int]:
+    """Start the SSH server ``command(port)`` for a free port on ``host``, in a session of
+    its own with its output appended to ``log``, and return it and the port once it greets
+    with a banner. A port taken between free_port() and its bind is tried again (5 times).
+
+    Raises RuntimeError, with the log's tail, if it exits or stays silent for 10 s."""
+    for _ in range(5):
+        port = free_port(host)
+        with open(log, "ab") as logf:
+            proc = subprocess.Popen(command(port), stdout=logf, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        if wait_banner(proc, host, port, 10):
+            return proc, port
+        tail = log.read_text(errors="replace")[-2000:]
+        if proc.poll() is None:
+            stop_process_group(proc)
+            raise RuntimeError(f"{name} did not answer on port {port} within 10 s; "
+                               f"log:\n{tail}")
+        if "address already in use" not in tail.lower():
+            raise RuntimeError(f"{name} exited with {proc.returncode}; log:\n{tail}")
+    raise RuntimeError(f"{name} could not bind a free port in 5 tries")
+
+
 def _config(work: Path, host: str, port: int, extra: str) -> Path:
     conf = work / "sshd_config"
     conf.write_text("\n".join([
@@ -152,26 +177,9 @@ def running_sshd(work: Path, extra_config: str = "", host: str = "127.0.0.1"
     root = work / "root"
     root.mkdir(exist_ok=True)
     log = work / "sshd.log"
-    proc: subprocess.Popen[bytes] | None = None
-    port = 0
-    for _ in range(5):  # the port may be taken between free_port() and bind()
-        port = free_port(host)
-        conf = _config(work, host, port, extra_config)
-        with open(log, "ab") as logf:
-            proc = subprocess.Popen([str(SSHD), "-D", "-e", "-f", str(conf)], stdout=logf,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-        if wait_banner(proc, host, port, 10):
-            break
-        if proc.poll() is None:
-            stop_process_group(proc)
-            raise RuntimeError(f"sshd did not answer on port {port} within 10 s; "
-                               f"log:\n{log.read_text(errors='replace')[-2000:]}")
-        if "Address already in use" not in log.read_text(errors="replace"):
-            raise RuntimeError(f"sshd exited with {proc.returncode}; "
-                               f"log:\n{log.read_text(errors='replace')[-2000:]}")
-    assert proc is not None
-    if proc.poll() is not None:
-        raise RuntimeError("sshd could not bind a free port in 5 tries")
+    proc, port = start_on_free_port(
+        "sshd", lambda port: [str(SSHD), "-D", "-e", "-f",
+                              str(_config(work, host, port, extra_config))], log, host)
     known_hosts = work / "known_hosts"
     known_hosts.write_text(f"[{host}]:{port} {host_public}\n")
     try:
