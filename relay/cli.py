@@ -186,7 +186,7 @@ def _run(settings: Settings, rules: Rules, once: bool) -> int:
         journal = Journal(settings.journal, settings.journal_sync)
         started = time.monotonic()
         try:
-            code = asyncio.run(Daemon(Engine(settings, rules, journal)).run(once=once))
+            code = asyncio.run(Daemon(Engine(settings, rules, journal, once=once)).run())
         finally:
             journal.close()
     finally:

@@ -38,10 +38,10 @@ class Daemon:
         """The watcher of ``source`` lost events (inotify queue overflow): rescan it now
         rather than at the next periodic rescan."""
         self._lost[source] = self._lost.get(source, 0) + 1
-        self.e.forget_event_order(source)
+        self.e.evaluator.forget_event_order(source)
         if source not in self._catching_up and not self.e.stopping.is_set():
             self._catching_up.add(source)
-            self.e._spawn(self._catch_up(source))
+            self.e.spawn(self._catch_up(source))
 
     def _watch(self, sources: Iterable[SourceRule], loop: asyncio.AbstractEventLoop) -> None:
         """Start one watcher per source (replacing any the engine had)."""
@@ -49,7 +49,7 @@ class Daemon:
 
         self.e.watchers = []
         for src in sources:
-            w = SourceWatcher(src, loop, self.e.hint, self._overflowed)
+            w = SourceWatcher(src, loop, self.e.evaluator.hint, self._overflowed)
             w.start()
             self.e.watchers.append(w)
 
@@ -67,7 +67,7 @@ class Daemon:
                 src = next((s for s in self.e.rules.sources if s.name == source), None)
                 if src is None:  # removed by a reload meanwhile
                     return
-                await self.e._scan(src)
+                await self.e.evaluator.scan(src)
                 await self.e.until_idle(jobs_too=False)
         finally:
             self._catching_up.discard(source)
@@ -83,7 +83,7 @@ class Daemon:
             if next_scan is not None and time.monotonic() >= next_scan:
                 next_scan = time.monotonic() + interval
                 for src in self.e.rules.sources:
-                    await self.e._scan(src)
+                    await self.e.evaluator.scan(src)
 
     def _check_deadlines(self) -> None:
         now = time.time()
@@ -91,7 +91,7 @@ class Daemon:
             src = self.e.rules.source(row.source)
             deadline = src.ready.deadline
             if deadline and row.waiting_since and now - row.waiting_since > deadline:
-                self.e._quarantine(row, self.e.rules.route(row.route or ""),
+                self.e.quarantine(row, self.e.rules.route(row.route or ""),
                                  f"still waiting after {deadline:g}s: {row.reason}")
 
     def _journal_gauges(self) -> None:
@@ -118,13 +118,13 @@ class Daemon:
                 previous = self.e.dests.get(d.name)
                 self.e.dests[d.name] = open_destination(d, self.e.settings.secrets_dir)
                 self.e.hops.forget(d.name)
-                self.e._spawn(self._swap_destination(self.e.dests[d.name], previous))
+                self.e.spawn(self._swap_destination(self.e.dests[d.name], previous))
         if {s for s in old.sources} != {s for s in rules.sources}:
             for w in self.e.watchers:
                 w.stop()
             self._watch(rules.sources, loop)
         for src in rules.sources:
-            self.e._spawn(self.e._scan(src))
+            self.e.spawn(self.e.evaluator.scan(src))
         log.info("rules_reloaded", sources=len(rules.sources),
                  destinations=len(rules.destinations), routes=len(rules.routes))
 
@@ -136,11 +136,11 @@ class Daemon:
         if old is not None:
             await old.close()
 
-    async def run(self, once: bool = False) -> int:
-        """Run until stopped (or, with ``once``, until nothing is left to do). Returns the
-        exit code: 0, or 1 if any file failed."""
+    async def run(self) -> int:
+        """Run until stopped (or, for an engine made for `run --once`, until nothing is
+        left to do). Returns the exit code: 0, or 1 if any file failed."""
         loop = asyncio.get_running_loop()
-        self.e.settings_once = once
+        once = self.e.once
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.e.stop)
         if not once:
@@ -157,11 +157,11 @@ class Daemon:
         if not once:
             self._watch(self.e.rules.sources, loop)
         for src in self.e.rules.sources:
-            await self.e._scan(src)
+            await self.e.evaluator.scan(src)
         log.info("relay_started", sources=len(self.e.rules.sources),
                  destinations=len(self.e.dests), routes=len(self.e.rules.routes), once=once)
-        self.e._ready = True
-        evaluator = loop.create_task(self.e._evaluator())
+        self.e.started = True
+        evaluator = loop.create_task(self.e.evaluator.run())
         periodic = loop.create_task(self._periodic()) if not once else None
         if once:
             await self.e.until_idle()

@@ -22,7 +22,7 @@ from relay.delivery import Member, Outcome, RetryPolicy, deliver_to
 from relay.destinations import open_destination
 from relay.destinations.base import NAME_MAX, Destination
 from relay.errors import TransferError, UnsafePathError
-from relay.evaluation import Evaluation, Key, is_ignored
+from relay.evaluation import Evaluator, Key, is_ignored
 from relay.hashing import hash_file
 from relay.hops import Hops
 from relay.journal import Delivery, FileRow, Journal
@@ -46,43 +46,52 @@ _SETTLE_GUARD_S = 1.0  # until_idle re-checks at least this often, whatever it i
 _JOB_STATES = (FileState.READY, FileState.DELIVERING, FileState.DELIVERED)
 
 
-class Engine(Evaluation):
-    """Evaluation (mixed in) → jobs → delivery → post-action, and the lifecycle."""
+class Engine:
+    """The evaluator (:class:`relay.evaluation.Evaluator`) → jobs → delivery →
+    post-action, and the lifecycle. The engine runs the jobs the evaluator hands it
+    (:class:`relay.evaluation.JobControl`: start, busy, defer)."""
 
-    def __init__(self, settings: Settings, rules: Rules, journal: Journal) -> None:
+    def __init__(self, settings: Settings, rules: Rules, journal: Journal,
+                 once: bool = False) -> None:
+        """``once``: `relay run --once` — a delivery that must wait for a retry counts as
+        a failure of the run (its exit code), since no retry will come in this process."""
+        self.once = once
         self.settings = settings
-        self.rules = rules
+        self._rules = rules
         self.journal = journal
         self.dests: dict[str, Destination] = {
             d.name: open_destination(d, settings.secrets_dir) for d in rules.destinations}
         self.hops = Hops()  # where the destinations' blocking work runs
-        self.dirty: dict[Key, None] = {}
         self.jobs: dict[int, asyncio.Task[None]] = {}  # running, at most `concurrency`
         self.queued: dict[int, None] = {}  # ready, waiting for a free slot (in order)
         self.deferred: dict[int, Key] = {}
         self.timers: dict[int, asyncio.TimerHandle] = {}
-        self.seq = 0
-        self.payload_seq: dict[tuple[str, str], int] = {}
-        self.marker_seq: dict[tuple[str, str], int] = {}
         self.watchers: list[SourceWatcher] = []
         self.failed = 0
         self.stopping = asyncio.Event()
-        self._wake = asyncio.Event()
         # Set whenever a job ends or an evaluation pass ends: what waits for relay to have
         # nothing left to do (`run --once`, an overflow catch-up) re-checks then.
         self.settled = asyncio.Event()
-        self._evaluating = False
-        self._ready = False
-        self._gathered_at = 0.0
+        self.started = False
         self.suspect: set[int] = set()  # files that failed verification once
         self.breakers: dict[str, Breaker] = {}
         self._bg: set[asyncio.Task[None]] = set()
-        self._last_reason: dict[int, str] = {}
         self._calls = Coalescer()  # the post-actions' file work (relay.coalesce)
+        self.evaluator = Evaluator(rules, journal, self, self.settled, self.spawn)
+
+    @property
+    def rules(self) -> Rules:
+        return self._rules
+
+    @rules.setter
+    def rules(self, rules: Rules) -> None:
+        """A reload: the evaluator judges by the new rules from its next evaluation."""
+        self._rules = rules
+        self.evaluator.rules = rules
 
     def idle(self, jobs_too: bool = True) -> bool:
         """Nothing to evaluate (and, with ``jobs_too``, nothing delivering or waiting to)."""
-        if self.dirty or self._evaluating:
+        if not self.evaluator.idle:
             return False
         return not (jobs_too and (self.jobs or self.queued))
 
@@ -94,15 +103,21 @@ class Engine(Evaluation):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.settled.wait(), _SETTLE_GUARD_S)
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         """Run a background coroutine, keeping a reference so it is not collected."""
         task = asyncio.get_running_loop().create_task(coro)
         self._bg.add(task)
         task.add_done_callback(self._bg.discard)
 
-    # -- jobs ----------------------------------------------------------------------------
+    # -- jobs (relay.evaluation.JobControl) -------------------------------------------
 
-    def _start_job(self, file_id: int) -> None:
+    def busy(self, file_id: int) -> bool:
+        return file_id in self.jobs or file_id in self.queued
+
+    def defer(self, file_id: int, key: Key) -> None:
+        self.deferred[file_id] = key
+
+    def start(self, file_id: int) -> None:
         if file_id in self.jobs or file_id in self.queued or self.stopping.is_set():
             return
         timer = self.timers.pop(file_id, None)
@@ -125,8 +140,7 @@ class Engine(Evaluation):
             self.jobs.pop(file_id, None)
             key = self.deferred.pop(file_id, None)
             if key is not None and not self.stopping.is_set():
-                self.dirty[key] = None
-                self._wake.set()
+                self.evaluator.look_again(key)
             while self.queued and len(self.jobs) < self.settings.concurrency \
                     and not self.stopping.is_set():
                 next_id = next(iter(self.queued))
@@ -191,7 +205,7 @@ class Engine(Evaluation):
                     marker = render_template(route.path, mrel, source=src.name,
                                              route=route.name, when=when)
             except UnsafePathError as exc:
-                self._quarantine(row, route, f"unsafe destination path: {exc}")
+                self.quarantine(row, route, f"unsafe destination path: {exc}")
                 return
             planned = self.journal.plan_deliveries(row.id, plan)
             if row.state != FileState.DELIVERING:  # what plan_deliveries wrote
@@ -269,8 +283,8 @@ class Engine(Evaluation):
                           reason=next(o.error for o in outcomes if o.state == Result.RETRY_WAIT))
             delay = max(0.0, when - time.time())
             self.timers[row.id] = asyncio.get_running_loop().call_later(
-                delay, self._start_job, row.id)
-            if self.settings_once:
+                delay, self.start, row.id)
+            if self.once:
                 self.failed += 1
             return False
         errors = "; ".join(o.error or "" for o in outcomes if o.state == Result.FAILED)
@@ -278,8 +292,6 @@ class Engine(Evaluation):
         self.failed += 1
         log.error("file_failed", file=row.rel, route=route.name, error=errors)
         return False
-
-    settings_once = False
 
     async def _members(self, row: FileRow, src: SourceRule) -> list[Member] | None:
         if row.kind == "batch" and row.state == FileState.DELIVERED:
@@ -299,7 +311,7 @@ class Engine(Evaluation):
                 if self.rules.match(src.name, rel) is not None or rel.endswith(
                     f"/{src.ready.manifest}") or rel == src.ready.manifest]
 
-    def _quarantine(self, row: FileRow, route: Route | None, reason: str) -> None:
+    def quarantine(self, row: FileRow, route: Route | None, reason: str) -> None:
         self.journal.update_file(row.id, state=FileState.QUARANTINED, reason=reason)
         METRICS.files_quarantined.labels(route.name if route else "-").inc()
         log.warning("file_quarantined", file=row.rel, source=row.source,
@@ -336,8 +348,7 @@ class Engine(Evaluation):
     def _finish(self, row: FileRow, route: Route) -> None:
         self.journal.update_file(row.id, state=FileState.DONE, reason=None)
         self.suspect.discard(row.id)
-        self.payload_seq.pop((row.source, row.rel), None)
-        self.marker_seq.pop((row.source, row.rel), None)
+        self.evaluator.forget(row.source, row.rel)
         log.info("file_done", file=row.rel, route=route.name, then=route.then,
                  sha256=row.sha256)
 
@@ -360,10 +371,10 @@ class Engine(Evaluation):
             else:
                 self.journal.update_delivery(d.id, state=DeliveryState.PENDING)
         for row in self.journal.files(*_JOB_STATES):
-            self._start_job(row.id)
+            self.start(row.id)
 
     def ready(self) -> tuple[bool, str]:
-        if not self._ready:
+        if not self.started:
             return False, "starting"
         dead = [w.source.name for w in self.watchers if not w.alive]
         if dead:
@@ -374,7 +385,7 @@ class Engine(Evaluation):
         if not self.stopping.is_set():
             log.info("relay_stopping")
             self.stopping.set()
-            self._wake.set()
+            self.evaluator.stop()
 
 
 def _fits_with_signals(target: str, route: Route) -> None:

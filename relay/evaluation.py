@@ -1,10 +1,10 @@
 """Hints → evaluation: which paths to look at again, what their evidence says, and the
 journal's record of each decision.
 
-Filesystem hints only mark a path *dirty*; one evaluator task re-reads the evidence
-(:mod:`relay.readiness`) and records the verdict. A READY file is handed to the job side
-(:meth:`relay.engine.Engine._start_job`). :class:`Evaluation` is the evaluating half of
-:class:`relay.engine.Engine`; the state it uses is created by ``Engine.__init__``.
+Filesystem hints only mark a path *dirty*; one evaluator task (:meth:`Evaluator.run`)
+re-reads the evidence (:mod:`relay.readiness`) and records the verdict. A READY file is
+handed to the job side through the small :class:`JobControl` interface; the engine wires
+the two together.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from relay.journal import FileRow, Journal
 from relay.logs import get_logger
@@ -25,7 +25,7 @@ from relay.rules import Route, Rules, SourceRule
 from relay.signal_files import Declared
 from relay.states import FileState, Verdict
 
-__all__ = ["Evaluation", "Key", "is_ignored", "scan"]
+__all__ = ["Evaluator", "JobControl", "Key", "is_ignored", "scan"]
 
 log = get_logger()
 Key = tuple[str, str, str]  # (source, kind "file"|"batch", rel)
@@ -53,30 +53,60 @@ def scan(root: Path, recursive: bool = True, below: str = "") -> Iterator[str]:
             break
 
 
-class Evaluation:
-    """Hints and evaluation; mixed into the engine, which owns the state declared here."""
+class JobControl(Protocol):
+    """What the evaluator asks of the side that runs jobs."""
 
-    rules: Rules
-    journal: Journal
-    dirty: dict[Key, None]
-    jobs: dict[int, asyncio.Task[None]]
-    queued: dict[int, None]
-    deferred: dict[int, Key]
-    seq: int
-    payload_seq: dict[tuple[str, str], int]
-    marker_seq: dict[tuple[str, str], int]
-    stopping: asyncio.Event
-    _wake: asyncio.Event
-    _evaluating: bool
-    settled: asyncio.Event
-    _gathered_at: float
-    _last_reason: dict[int, str]
+    def start(self, file_id: int) -> None:
+        """Deliver this READY (or unfinished) file: now, or when a slot is free."""
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        raise NotImplementedError  # the engine's
+    def busy(self, file_id: int) -> bool:
+        """Is a job for this file running or queued?"""
 
-    def _start_job(self, file_id: int) -> None:
-        raise NotImplementedError  # the engine's
+    def defer(self, file_id: int, key: Key) -> None:
+        """Look at ``key`` again when the file's job has ended."""
+
+
+class Evaluator:
+    """Hints → evidence → the journal's verdict, one evaluation at a time."""
+
+    def __init__(self, rules: Rules, journal: Journal, jobs: JobControl,
+                 settled: asyncio.Event, spawn: Callable[[Coroutine[Any, Any, None]], None]
+                 ) -> None:
+        self.rules = rules      # replaced as a whole when the rules are reloaded
+        self.journal = journal
+        self.jobs = jobs
+        self.settled = settled  # set whenever an evaluation pass ends
+        self.spawn = spawn      # runs a background coroutine (a folder's scan)
+        self.dirty: dict[Key, None] = {}  # what to look at again, in order
+        self.evaluating = False
+        # The order the watcher saw payloads and markers change in (see _marker_stale).
+        self.seq = 0
+        self.payload_seq: dict[tuple[str, str], int] = {}
+        self.marker_seq: dict[tuple[str, str], int] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._gathered_at = 0.0
+        self._last_reason: dict[int, str] = {}
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to look at and nothing being looked at."""
+        return not self.dirty and not self.evaluating
+
+    def look_again(self, key: Key) -> None:
+        """Evaluate ``key`` again (its job has ended, or the evidence was stale)."""
+        if not self._stopping:
+            self.dirty[key] = None
+            self._wake.set()
+
+    def forget(self, source: str, rel: str) -> None:
+        """A file is done: the event order seen for it no longer matters."""
+        self.payload_seq.pop((source, rel), None)
+        self.marker_seq.pop((source, rel), None)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
 
     # -- hints ---------------------------------------------------------------------------
 
@@ -87,7 +117,7 @@ class Evaluation:
         loop (a scan passes one for all its files)."""
         src = self.rules.source(source)
         if kind == "dir":
-            self._spawn(self._scan(src, rel))
+            self.spawn(self.scan(src, rel))
             return
         if is_ignored(src, rel):
             return
@@ -143,7 +173,8 @@ class Evaluation:
             for key in [k for k in seqs if k[0] == source]:
                 del seqs[key]
 
-    async def _scan(self, src: SourceRule, below: str = "") -> None:
+    async def scan(self, src: SourceRule, below: str = "") -> None:
+        """Hint every file of ``src`` (below ``below``), as a start-up scan does."""
         try:
             rels = await asyncio.to_thread(lambda: list(scan(src.path, src.recursive, below)))
         except OSError as exc:
@@ -157,11 +188,12 @@ class Evaluation:
 
     # -- evaluation ----------------------------------------------------------------------
 
-    async def _evaluator(self) -> None:
-        while not self.stopping.is_set():
+    async def run(self) -> None:
+        """The evaluator task: evaluate what is dirty, until stopped."""
+        while not self._stopping:
             await self._wake.wait()
             self._wake.clear()
-            while self.dirty and not self.stopping.is_set():
+            while self.dirty and not self._stopping:
                 key = next(iter(self.dirty))
                 del self.dirty[key]
                 if key[1] == "file":
@@ -176,7 +208,7 @@ class Evaluation:
                     for k in keys[1:]:
                         del self.dirty[k]
                 METRICS.queue_depth.set(len(self.dirty))
-                self._evaluating = True
+                self.evaluating = True
                 try:
                     if key[1] == "file":
                         await self.evaluate_files(keys)
@@ -185,7 +217,7 @@ class Evaluation:
                 except Exception as exc:  # one bad file must never stop the engine
                     log.exception("evaluation_failed", file=key[2], error=str(exc))
                 finally:
-                    self._evaluating = False
+                    self.evaluating = False
                     self.settled.set()
 
     async def evaluate_files(self, keys: list[Key]) -> None:
@@ -285,17 +317,16 @@ class Evaluation:
         j = self.journal
         if verdict == Verdict.GONE:
             if row is not None and row.state in _FORGETTABLE \
-                    and row.id not in self.jobs and row.id not in self.queued:
+                    and not self.jobs.busy(row.id):
                 j.delete_file(row.id)
                 log.info("file_forgotten", file=rel, source=src.name, reason=reason)
             return
-        if row is not None and (row.id in self.jobs or row.id in self.queued):
-            self.deferred[row.id] = key  # look again when the running job ends
+        if row is not None and self.jobs.busy(row.id):
+            self.jobs.defer(row.id, key)  # look again when the running job ends
             return
         if row is not None and row.updated_at > self._gathered_at:
             # A job moved this file on while we were reading: the evidence is stale.
-            self.dirty[key] = None
-            self._wake.set()
+            self.look_again(key)
             return
         if row is None:
             # Inserted below with its first verdict: one write, not 'seen' then another.
@@ -303,7 +334,7 @@ class Evaluation:
             log.info("file_seen", file=rel, source=src.name, route=route.name, kind=kind)
         elif row.fingerprint == fp and row.state != FileState.SEEN:
             if row.state in (FileState.READY, FileState.DELIVERING, FileState.DELIVERED):
-                self._start_job(row.id)
+                self.jobs.start(row.id)
             return
         elif row.state == FileState.DONE and verdict != Verdict.READY:
             # Signals or payload going away (our own post-action, a consumer tidying up)
@@ -316,7 +347,7 @@ class Evaluation:
                      previous_state=row.state)
             row = j.file_by_id(row.id) or row
         elif row.state in (FileState.DELIVERING, FileState.DELIVERED):
-            self._start_job(row.id)
+            self.jobs.start(row.id)
             return
         now = time.time()
         if verdict in (Verdict.WAITING, Verdict.INVALID):
@@ -336,4 +367,4 @@ class Evaluation:
         METRICS.files_ready.labels(route.name).inc()
         log.info("file_ready", file=rel, source=src.name, route=route.name, signal=sig,
                  declared=declared.hexdigest if declared else None)
-        self._start_job(file_id)
+        self.jobs.start(file_id)

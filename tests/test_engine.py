@@ -42,16 +42,16 @@ def test_until_idle_wakes_when_the_last_job_or_evaluation_ends(
             await eval_gate.wait()
 
         monkeypatch.setattr(engine, "_job", job)
-        monkeypatch.setattr(engine, "evaluate_files", evaluate_files)
+        monkeypatch.setattr(engine.evaluator, "evaluate_files", evaluate_files)
         engine._launch(1)
-        engine.dirty[("in", "file", "a.csv")] = None
-        engine._wake.set()
-        evaluator = asyncio.create_task(engine._evaluator())
+        engine.evaluator.look_again(("in", "file", "a.csv"))
+        evaluator = asyncio.create_task(engine.evaluator.run())
         everything = asyncio.create_task(engine.until_idle())
         evaluations = asyncio.create_task(engine.until_idle(jobs_too=False))
         for _ in range(10):
             await asyncio.sleep(0)
-        assert engine._evaluating and not everything.done() and not evaluations.done()
+        assert engine.evaluator.evaluating and not everything.done() \
+            and not evaluations.done()
         eval_gate.set()
         await asyncio.wait_for(evaluations, 5)
         assert not everything.done()  # the job still runs

@@ -1,18 +1,50 @@
-"""relay.evaluation, driven in-process: how a scan turns paths into work."""
+"""relay.evaluation.Evaluator, alone: how hints become verdicts and jobs (the job side is
+a recording stand-in for the engine)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from relay.config import Settings
-from relay.engine import Engine
+from relay.evaluation import Evaluator, Key
 from relay.journal import Journal
 from relay.rules import load_rules
-from tests.helpers import write_rules
+from relay.states import FileState
+from tests.helpers import drop, until, write_rules
+
+
+class Jobs:
+    """A JobControl that records what the evaluator asks of it."""
+
+    def __init__(self) -> None:
+        self.started: list[int] = []
+        self.running: set[int] = set()
+        self.deferred: dict[int, Key] = {}
+
+    def start(self, file_id: int) -> None:
+        self.started.append(file_id)
+
+    def busy(self, file_id: int) -> bool:
+        return file_id in self.running
+
+    def defer(self, file_id: int, key: Key) -> None:
+        self.deferred[file_id] = key
+
+
+def _evaluator(tmp_path: Path) -> tuple[Evaluator, Jobs, Journal, Path]:
+    src = tmp_path / "in"
+    src.mkdir(exist_ok=True)
+    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{tmp_path}/o"})
+    journal = Journal(tmp_path / "j.sqlite3")
+    jobs = Jobs()
+    tasks: list[Coroutine[Any, Any, None]] = []
+    return (Evaluator(load_rules(rules), journal, jobs, asyncio.Event(), tasks.append), jobs,
+            journal, src)
 
 
 def test_a_scan_keys_files_in_marked_folders_as_one_batch_checking_each_folder_once(
@@ -21,17 +53,13 @@ def test_a_scan_keys_files_in_marked_folders_as_one_batch_checking_each_folder_o
     belongs to that folder's batch, any other file is on its own. Each folder is looked up
     once per scan, not once per file and ancestor (that was an lstat on the event loop per
     file and per folder above it)."""
-    src = tmp_path / "in"
+    evaluator, _, journal, src = _evaluator(tmp_path)
     files = ["loose.csv", "plain/a.csv", "plain/b.csv", "plain/deep/c.csv",
              "batch/x.csv", "batch/_SUCCESS", "batch/sub/y.csv", "batch/sub/z.csv",
              "plain/inner/_SUCCESS", "plain/inner/m.csv"]
     for rel in files:
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         (src / rel).write_bytes(b"data")
-    rules = write_rules(tmp_path / "rules", source=src, dests={"o": f"file://{tmp_path}/o"})
-    cfg = Settings(rules=rules, journal=tmp_path / "j.sqlite3", metrics_addr="",
-                   rescan_interval=0, log_level="error", log_format="json")
-    journal = Journal(cfg.journal, cfg.journal_sync)
     looked_up: list[str] = []
     real_lexists = os.path.lexists
 
@@ -41,14 +69,44 @@ def test_a_scan_keys_files_in_marked_folders_as_one_batch_checking_each_folder_o
 
     monkeypatch.setattr("relay.evaluation.os.path.lexists", lexists)
     try:
-        engine = Engine(cfg, load_rules(rules), journal)
-        asyncio.run(engine._scan(engine.rules.source("in")))
+        asyncio.run(evaluator.scan(evaluator.rules.source("in")))
     finally:
         journal.close()
-    assert set(engine.dirty) == {
+    assert set(evaluator.dirty) == {
         ("in", "file", "loose.csv"), ("in", "file", "plain/a.csv"),
         ("in", "file", "plain/b.csv"), ("in", "file", "plain/deep/c.csv"),
         ("in", "batch", "batch"), ("in", "batch", "plain/inner")}
     # one lookup per folder: ., plain, plain/deep, batch, batch/sub, plain/inner
     assert sorted(looked_up) == sorted(set(looked_up)), looked_up
     assert len(looked_up) == 6, looked_up
+
+
+def test_verdicts_are_journalled_and_a_ready_file_is_handed_to_the_job_side(
+        tmp_path: Path) -> None:
+    """A file with a matching sidecar is journalled ready and started once; one without a
+    signal waits with its reason; a file whose job is running is deferred, not judged."""
+    evaluator, jobs, journal, src = _evaluator(tmp_path)
+    drop(src, "a.csv", b"alpha")
+    (src / "b.csv").write_bytes(b"no signal yet")
+
+    async def scenario() -> None:
+        run = asyncio.create_task(evaluator.run())
+        for rel in ("a.csv", "b.csv", "a.csv.sha256"):
+            evaluator.hint("in", rel, "file")
+        assert await until(lambda: evaluator.idle, 10)
+        a = journal.get_file("in", "a.csv")
+        assert a is not None and a.state is FileState.READY and jobs.started == [a.id]
+        b = journal.get_file("in", "b.csv")
+        assert b is not None and b.state is FileState.WAITING and b.reason
+        jobs.running.add(a.id)
+        evaluator.hint("in", "a.csv", "file")
+        assert await until(lambda: evaluator.idle, 10)
+        assert jobs.deferred == {a.id: ("in", "file", "a.csv")}
+        assert jobs.started == [a.id]
+        evaluator.stop()
+        await asyncio.wait_for(run, 5)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        journal.close()

@@ -382,7 +382,7 @@ def _relay_pass(root: Path) -> None:
                    log_format="json", retry_base=0.01, retry_cap=0.02)
     journal = Journal(cfg.journal, cfg.journal_sync)
     try:
-        asyncio.run(Daemon(Engine(cfg, load_rules(cfg.rules), journal)).run(once=True))
+        asyncio.run(Daemon(Engine(cfg, load_rules(cfg.rules), journal, once=True)).run())
     finally:
         journal.close()
 
