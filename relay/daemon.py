@@ -91,7 +91,7 @@ class Daemon:
             src = self.e.rules.source(row.source)
             deadline = src.ready.deadline
             if deadline and row.waiting_since and now - row.waiting_since > deadline:
-                self.e.quarantine(row, self.e.rules.route(row.route or ""),
+                self.e.runner.quarantine(row, self.e.rules.route(row.route or ""),
                                  f"still waiting after {deadline:g}s: {row.reason}")
 
     def _journal_gauges(self) -> None:
@@ -175,12 +175,10 @@ class Daemon:
     async def _shutdown(self, *tasks: asyncio.Task[None] | None) -> None:
         for w in self.e.watchers:
             w.stop()
-        for t in self.e.timers.values():
-            t.cancel()
-        if self.e.jobs:
-            log.info("relay_draining", in_flight=len(self.e.jobs),
+        if self.e.runner.jobs:
+            log.info("relay_draining", in_flight=len(self.e.runner.jobs),
                      timeout_s=self.e.settings.shutdown_timeout)
-            _, pending = await asyncio.wait(list(self.e.jobs.values()),
+            _, pending = await asyncio.wait(list(self.e.runner.jobs.values()),
                                             timeout=self.e.settings.shutdown_timeout)
             for job in pending:
                 job.cancel()

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from relay.config import Settings
-from relay.engine import is_ignored
+from relay.evaluation import is_ignored
 from relay.hashing import hash_file
 from relay.journal import Journal
 from relay.progressbar import ProgressBar

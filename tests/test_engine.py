@@ -41,9 +41,9 @@ def test_until_idle_wakes_when_the_last_job_or_evaluation_ends(
         async def evaluate_files(keys: list[tuple[str, str, str]]) -> None:
             await eval_gate.wait()
 
-        monkeypatch.setattr(engine, "_job", job)
+        monkeypatch.setattr(engine.runner, "_job", job)
         monkeypatch.setattr(engine.evaluator, "evaluate_files", evaluate_files)
-        engine._launch(1)
+        engine.runner._launch(1)
         engine.evaluator.look_again(("in", "file", "a.csv"))
         evaluator = asyncio.create_task(engine.evaluator.run())
         everything = asyncio.create_task(engine.until_idle())
