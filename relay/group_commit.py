@@ -58,7 +58,7 @@ class GroupCommit:
         self._committed = 0  # group commits so far
         self._synced = 0     # group commits known to be on stable storage
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
-        self._syncer: asyncio.Task[None] | None = None
+        self._syncer: asyncio.Future[None] | None = None
         self._dir_synced = False
         # The open group as a context manager for one statement: nothing around the block.
         self._joined = contextlib.nullcontext(db)
@@ -188,22 +188,37 @@ class GroupCommit:
         if self._syncer is not None and self._syncer.get_loop() is not loop:
             self._syncer = None  # left behind by a loop that has ended (tests, the CLI)
         if self._syncer is None and self._synced < self._committed:
-            self._syncer = loop.create_task(self._sync_loop())
+            self._sync_next(loop)
 
-    async def _sync_loop(self) -> None:
+    def _sync_next(self, loop: asyncio.AbstractEventLoop) -> None:
+        """fsync the WAL on a worker thread, covering every commit made so far; again when
+        more commits came meanwhile. A future with a callback, not a task: a loop that
+        ends before it runs leaves no coroutine behind (the commits stay unsynced until
+        the journal is closed, which syncs them)."""
+        upto = self._committed  # every commit up to here has written its frames
         try:
-            while self._synced < self._committed:
-                upto = self._committed  # every commit up to here has written its frames
-                await asyncio.to_thread(self._sync_wal)
-                self._synced = max(self._synced, upto)
-                self._wake(self._synced)
-        except BaseException as exc:
-            # An fsync that failed proves nothing: fail everyone who waits for it.
-            self._wake(self._synced, exc, beyond=True)
-            if not isinstance(exc, Exception):
-                raise
-        finally:
+            fut = loop.run_in_executor(None, self._sync_wal)
+        except RuntimeError:  # the loop is shutting its executor down: sync here
+            self._sync_wal()
+            self._synced = max(self._synced, upto)
+            self._wake(self._synced)
+            return
+        self._syncer = fut
+
+        def done(f: asyncio.Future[None]) -> None:
             self._syncer = None
+            exc: BaseException | None = (asyncio.CancelledError() if f.cancelled()
+                                         else f.exception())
+            if exc is not None:
+                # An fsync that failed proves nothing: fail everyone who waits for it.
+                self._wake(self._synced, exc, beyond=True)
+                return
+            self._synced = max(self._synced, upto)
+            self._wake(self._synced)
+            if self._synced < self._committed and not loop.is_closed():
+                self._sync_next(loop)
+
+        fut.add_done_callback(done)
 
     def _wake(self, upto: int, exc: BaseException | None = None,
               beyond: bool = False) -> None:
