@@ -510,7 +510,7 @@ def test_idle_connection_is_closed_then_reopened(tmp_path: Path, sshd: Sshd,  # 
                     assert connected() == 0
                     await wait_closed(link)  # its processes collected (openssh)
                     # closed politely: the server logs an SSH disconnect, not a reset
-                    await until(lambda: disconnects() > polite)
+                    await until(lambda: disconnects() > polite, 30)
                     assert disconnects() == polite + 1
                     await deliver(dest, src, "two")
                     assert connected() == 1 and logins_metric() == logins_before + 2
