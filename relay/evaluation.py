@@ -122,7 +122,13 @@ class Evaluator:
         if is_ignored(src, rel):
             return
         what, target = classify(rel, src.ready)
-        if from_event and kind == "file":
+        # The order of events tells whether an empty marker was written after its payload's
+        # last change. A payload's bytes change with "file" events (written, truncated,
+        # moved into place, removed); its "created" says nothing, and must not count: for a
+        # folder made a moment ago, the watcher reports what it finds inside as "created"
+        # in listing order (a marker listed before its payload), after the fact. For a
+        # marker, being created is being written.
+        if from_event and (kind == "file" or (kind == "created" and what == "marker")):
             self.seq += 1
             if what == "payload":
                 self.payload_seq[(source, target)] = self.seq

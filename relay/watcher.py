@@ -34,7 +34,7 @@ from relay.rules import SourceRule
 
 __all__ = ["Hint", "SourceWatcher"]
 
-# (source name, relative path, what happened: "file" | "closed" | "dir")
+# (source name, relative path, what happened: "file" | "created" | "closed" | "dir")
 Hint = Callable[[str, str, str], None]
 
 
@@ -91,9 +91,11 @@ class _Handler(FileSystemEventHandler):
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type in ("opened", "closed_no_write"):
             return
-        # "closed" (close_write) means no new bytes: it must not make a marker stale.
-        kind = "dir" if event.is_directory else "closed" if event.event_type == "closed" \
-            else "file"
+        # "closed" (close_write) means no new bytes: it must not make a marker stale;
+        # "created" is told apart for the evaluator (a payload's creation is not a change
+        # of its bytes).
+        kind = "dir" if event.is_directory else event.event_type \
+            if event.event_type in ("closed", "created") else "file"
         for path in (event.src_path, getattr(event, "dest_path", "")):
             if path:
                 rel = self._rel(path)

@@ -110,3 +110,20 @@ def test_verdicts_are_journalled_and_a_ready_file_is_handed_to_the_job_side(
         asyncio.run(scenario())
     finally:
         journal.close()
+
+
+def test_a_payloads_creation_is_not_a_change_after_its_marker(tmp_path: Path) -> None:
+    """Event order for empty markers: a payload "created" after its marker leaves the
+    marker fresh (a new folder's contents are reported as created, in listing order); a
+    payload written after its marker makes it stale; a marker created afterwards is fresh
+    again."""
+    evaluator, _, journal, _ = _evaluator(tmp_path)
+    journal.close()
+    stale = evaluator._marker_stale
+    evaluator.hint("in", "d/f.csv.done", "created")
+    evaluator.hint("in", "d/f.csv", "created")
+    assert stale("in", "d/f.csv") is False
+    evaluator.hint("in", "d/f.csv", "file")
+    assert stale("in", "d/f.csv") is True
+    evaluator.hint("in", "d/f.csv.done", "created")
+    assert stale("in", "d/f.csv") is False

@@ -45,3 +45,22 @@ def test_payload_then_empty_marker_is_never_stuck(tmp_path: Path) -> None:
                  "every file: stuck ones say 'waiting for a new marker'")
     finally:
         relay.stop()
+
+
+def test_payload_and_empty_marker_in_a_folder_made_a_moment_ago_are_delivered(
+        tmp_path: Path) -> None:
+    """Sixty new folders, each given a payload and then an empty marker at once: every
+    payload is delivered. The watcher lists what a new folder already holds as "created"
+    events in listing order (the marker before its payload), and a payload's creation
+    must not count as a change after its marker (it left 44 of 60 waiting for a new
+    marker forever)."""
+    src, out, rules = one_route_zone(tmp_path)
+    relay = RelayProc(tmp_path, rules).start()
+    try:
+        relay.wait_started()
+        for i in range(60):
+            drop(src, f"new{i}/sub/f.csv", os.urandom(5000), "done")
+        wait_for(lambda: all((out / f"new{i}/sub/f.csv.sha256").exists() for i in range(60)),
+                 30, "every file: stuck ones say 'payload changed after marker'")
+    finally:
+        relay.stop()
