@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import yaml
@@ -214,6 +216,7 @@ async def write_to(dest: Destination, src: Path, target: str, algos: tuple[str, 
         staged.digests = payload.digests()
     return staged
 
+
 def journal_acked(journal: Path) -> int:
     """The most bytes a delivery in ``staging`` has journalled as acknowledged (0: none)."""
     if not journal.exists():
@@ -259,3 +262,16 @@ def run_cut_transfer(tmp_path: Path, proxy: TcpProxy, url: str, identity: Path,
     finally:
         relay.stop()
     return data, relay
+
+
+def bench_module(name: str) -> ModuleType:
+    """A module of bench/, loaded from its file: bench/ is a folder of scripts, not a
+    package (they import each other by bare name, run from that folder)."""
+    key = f"bench_{name}"
+    if key not in sys.modules:
+        path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+        spec = importlib.util.spec_from_file_location(key, path)
+        assert spec is not None and spec.loader is not None
+        sys.modules[key] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules[key]
