@@ -7,10 +7,11 @@ latency (sidecar written → downstream sidecar visible) for files arriving one 
     python bench/bench_local.py            # 1 GiB, 1,000 small files, 200 latency samples
     python bench/bench_local.py --quick    # seconds-long smoke run (used by the tests)
     python bench/bench_local.py --only small,latency --small 10000 --repeat 3
-                                           # the issue's small-file target, medians of 3
+                                           # 10,000 small files, medians of 3
 
 Prints a table and JSON; writes bench/results/local-<date>.json (with --only, named after
-the scenarios run: local-small-latency-<date>.json) unless --no-save or --quick.
+the scenarios run: local-small-latency-<date>.json) unless --no-save or --quick (then
+`python bench/report.py --write` refreshes docs/performance.md).
 """
 
 from __future__ import annotations
@@ -226,8 +227,7 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
         out.mkdir()
         root.mkdir()
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        # RELAY_CONCURRENCY as shipped (48 since 2026-11-30's seventh session; 32 before,
-        # and 4 — this bench then used 8 — before its third).
+        # RELAY_CONCURRENCY as shipped: the figure is for the defaults an operator gets.
         secs = _relay_once(root, _rules(root, src, out), RELAY_JOURNAL_SYNC=sync)
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         # CPU time of relay per file: unlike files/s, barely moved by a busy machine.
@@ -237,11 +237,10 @@ def small(work: Path, count: int, sync: str, repeat: int = 1) -> dict[str, objec
         assert delivered == count, (delivered, count)
         runs.append(secs)
         outs.append(out)
-    # Removed only now: on this VM's ext4 (no journal) the inode allocator passes over
+    # Removed only now: on an ext4 without a journal the inode allocator passes over
     # inodes freed in the last minutes, with a buffer-cache lookup for each
-    # (recently_deleted(): 21% of all CPU in a perf profile of a run right after an
-    # `rm -r` of the previous output), so each run was slowed by the one before it
-    # (755, 637, 573 files/s in that order, 2026-11-30, sixth session).
+    # (recently_deleted() in a perf profile), so removing a run's output would slow the
+    # next run (docs/performance.md).
     for out in outs:
         shutil.rmtree(out)
     secs = statistics.median(runs)

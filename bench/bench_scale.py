@@ -12,7 +12,8 @@ Scenarios:
 
 Peak RSS is the kernel's own figure for the finished child (``wait4`` → ``ru_maxrss``), so
 nothing is sampled and nothing is missed. Prints a table and JSON; writes
-bench/results/scale-<date>.json unless --no-save or --quick.
+bench/results/scale-<date>.json unless --no-save or --quick (then `python bench/report.py
+--write` refreshes docs/performance.md).
 """
 
 from __future__ import annotations
@@ -76,8 +77,7 @@ def backlog(work: Path, files: int) -> dict[str, object]:
         (d / f"f{i}.csv.sha256").write_text(f"{line}f{i}.csv\n")
     rules = _rules(work, src, out)
     start = time.time()
-    # RELAY_CONCURRENCY as shipped (48 since the seventh session of 2026-11-30, 32 before;
-    # this bench used 16 before that day's third session)
+    # RELAY_CONCURRENCY as shipped: the figure is for the defaults an operator gets.
     elapsed, rss, log = _run_measured(work, rules)
     delivered = _event_times(log, "file_delivered")
     if len(delivered) != files:

@@ -16,8 +16,9 @@ tests/sshd_server.py) and measures, for the same files:
     python bench/bench_sftp.py                 # 1 GiB, 2,000 small files, 3 runs
     python bench/bench_sftp.py --quick         # seconds-long smoke run (used by the tests)
 
-Prints a table and JSON; writes bench/results/sftp-<date>.json unless --no-save/--quick.
-The numbers depend on the machine: client and server share its cores.
+Prints a table and JSON; writes bench/results/sftp-<date>.json unless --no-save/--quick
+(then `python bench/report.py --write` refreshes docs/performance.md). The numbers depend
+on the machine: client and server share its cores.
 """
 
 from __future__ import annotations
@@ -174,10 +175,10 @@ def large(s: Sshd, work: Path, size: int, runs: int, conc: int,
     peak: dict[str, int] = {}  # relay's peak RSS over the rounds
     for i in range(runs):
         # Interleaved, so load changes hit every contender alike, in an order rotated each
-        # round: the server's disk alternates fast and slow write turns (README), and a
-        # fixed order would give one contender the slow turn every time. sync first, so
-        # nobody pays for the previous contender's unflushed writes (`sftp -b` does not
-        # fsync).
+        # round: the server's disk alternates fast and slow write turns
+        # (docs/performance.md), and a fixed order would give one contender the slow turn
+        # every time. sync first, so nobody pays for the previous contender's unflushed
+        # writes (`sftp -b` does not fsync).
         for name in contenders[i % len(contenders):] + contenders[:i % len(contenders)]:
             os.sync()
             out = s.root / f"large-{i}-{contenders.index(name)}"
