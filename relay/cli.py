@@ -200,7 +200,7 @@ def entry() -> None:
     """The process's entry point (the ``relay`` script, ``python -m relay.cli``)."""
     code = main()
     # The interpreter's teardown runs the cycle collector over every object the imports and
-    # the command made: ~35 ms, a sixth of an empty `relay run --once`. Frozen objects are
+    # the command made, a noticeable part of a short `relay run --once`. Frozen objects are
     # skipped, and the process is about to end anyway.
     gc.freeze()
     sys.exit(code)

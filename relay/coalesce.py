@@ -1,17 +1,15 @@
 """Blocking calls made in the same turn of the event loop, run together on a worker thread.
 
 Why: a 4 KiB delivery to a local folder is two short worker-thread hops (stage, publish)
-and the event loop's journal writes in between. With one hop per call, six worker threads
+and the event loop's journal writes in between. With one hop per call, many worker threads
 return from syscalls all the time and take the GIL whenever the loop releases it inside
-SQLite, and the loop then waits to get it back: measured on a 2-vCPU VM, the journal's
-statements for one file took 107 µs with no other thread running, 371 µs beside one
-thread doing syscalls, 1,375 µs beside six. Coalescing the calls of all jobs that reached
+SQLite, and the loop then waits to get it back: a journal statement costs the loop several
+times as much beside busy threads as alone. Coalescing the calls of all jobs that reached
 the same step into a few hops (at most ``max_batch`` calls each, at most ``max_parallel``
 hops at once, so that slow fsyncs still overlap) cuts the hops and the threads competing
-for the GIL: 10,000 small files to the VM's ext4 disk went from 550 to 634 files/s
-(interleaved runs, bench/ab_small.py). On tmpfs, where nothing waits for a disk, bigger
-hops on fewer threads did better still (1.9x with 64-call hops, 2 at a time), but on a
-disk the fsyncs need several hops in flight.
+for the GIL (docs/performance.md, "Small files"). Where nothing waits for a disk (tmpfs),
+bigger hops on fewer threads would do better still; on a disk the fsyncs need several hops
+in flight.
 
 Each call keeps the semantics of ``asyncio.to_thread``: it runs exactly once (or not at
 all if its caller was cancelled before its hop started), in the order submitted within a

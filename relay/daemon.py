@@ -45,7 +45,7 @@ class Daemon:
 
     def _watch(self, sources: Iterable[SourceRule], loop: asyncio.AbstractEventLoop) -> None:
         """Start one watcher per source (replacing any the engine had)."""
-        from relay.watcher import SourceWatcher  # watchdog: ~9 ms `run --once` does not pay
+        from relay.watcher import SourceWatcher  # importing watchdog: `run --once` need not
 
         self.e.watchers = []
         for src in sources:

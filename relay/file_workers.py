@@ -2,12 +2,11 @@
 
 Why processes: the local backend's work per small file is a dozen short syscalls, and with
 worker *threads* each of them is a turn of the GIL, which the event loop then waits to get
-back (relay/coalesce.py has the numbers). On a 2-vCPU VM the kernel's side of those hand-
-offs — futex waits and wake-ups, context switches — was about a quarter of all CPU of a
-small-file run (perf). A helper process has a GIL of its own: the loop hands it a hop of up
-to eight calls through a pipe and gets their results back, and no thread of the main
-process competes with the loop meanwhile. 10,000 files of 4 KiB, interleaved pairs of runs
-(bench/ab_small.py): 784 → 1,000 files/s.
+back (relay/coalesce.py). The kernel's side of those hand-offs — futex waits and wake-ups,
+context switches — is a large share of a small-file run's CPU. A helper process has a GIL
+of its own: the loop hands it a hop of up to eight calls through a pipe and gets their
+results back, and no thread of the main process competes with the loop meanwhile
+(docs/performance.md, "Small files").
 
 The pool is forked once, before the event loop, the journal and any thread exist (``start``),
 so every child is a copy of a single-threaded process: no lock can be held across the

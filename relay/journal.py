@@ -16,7 +16,8 @@ idempotency key. Sending the same content to the same place again is a no-op.
 File names are whatever bytes the filesystem holds. A name that is not UTF-8 reaches us as
 a surrogate-escaped str (``os.fsdecode``), which SQLite cannot store as TEXT; such values
 are stored as the original bytes (BLOB) and read back with ``os.fsdecode``. Every other
-value stays TEXT, so databases written before this are read unchanged.
+value stays TEXT, so a journal from a relay version that stored every name as TEXT reads
+unchanged.
 """
 
 from __future__ import annotations

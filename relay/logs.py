@@ -58,8 +58,8 @@ class _LineWriter:
     A line logged on the event loop is buffered and a flush is scheduled for the next
     turn (``call_soon``), so the lines of every file handled in one turn cost one write
     instead of one each: a write is a system call, and on the loop thread every system
-    call gives the GIL away to the worker threads (at ``info``, per-line writes cost ~10%
-    of a small-file run). A line logged outside a loop (a library's thread, the CLI)
+    call gives the GIL away to the worker threads (at ``info``, per-line writes would be a
+    visible share of a small-file run). A line logged outside a loop (a library's thread, the CLI)
     flushes what is buffered and is written at once, so the order is kept. What a
     ``kill -9`` can lose is the lines of the turn it interrupts; the journal, not the log,
     is the record of what happened."""
@@ -140,9 +140,9 @@ class _LibraryRecords(logging.Handler):
 class _Logger:
     """The process logger. A call below the configured level returns before structlog
     builds anything: structlog's lazy proxy binds a new logger on *every* call (it must,
-    so that ``capture_logs`` and reconfiguration take effect), which was ~3% of the event
+    so that ``capture_logs`` and reconfiguration take effect), which shows in the event
     loop's time in a small-file run logging at ``warning``. Calls at or above the level go
-    to structlog as before."""
+    to structlog."""
 
     def _at(self, level: int, event: str, kw: dict[str, Any]) -> None:
         if level >= _threshold:

@@ -3,7 +3,7 @@
 Metrics live in one registry per process (``METRICS``) so tests can read them directly.
 It is built on first use, and not at all in a process nobody can ask for it (`relay run
 --once`, a daemon without RELAY_METRICS_ADDR: :func:`unread`): importing prometheus-client
-and the HTTP server takes ~19 ms, a tenth of an empty `relay run --once`. The HTTP server
+and the HTTP server is a noticeable part of a short `relay run --once`. The HTTP server
 runs in a daemon thread (prometheus-client's own), so a busy event loop cannot hide
 /metrics; /healthz instead checks that the loop itself still answers.
 """

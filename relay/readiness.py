@@ -83,8 +83,8 @@ def _read_small(path: Path, stats: list[str] | None = None) -> str:
     ``stats``, is taken *before* reading: it may then be older than the bytes we read
     (harmless: the next look sees a new fingerprint and decides again), never newer.
     Taken after, a write landing between the read and the fstat (a sidecar read empty
-    just after its creation, then written) was recorded as already judged, and the file
-    waited forever as "malformed sidecar: empty"."""
+    just after its creation, then written) would be recorded as already judged, and the
+    file would wait forever as "malformed sidecar: empty"."""
     # os.open, not open(): four syscalls instead of seven (no isatty ioctl, no lseek, no
     # second read for EOF), each one a wait for the GIL on a busy relay. O_NONBLOCK: a
     # FIFO swapped in after the caller's stat must not hang this thread in open().

@@ -115,8 +115,8 @@ def parse_digest(text: str, algo: str | None, payload_name: str) -> tuple[str, s
     if len(candidates) == 1 and candidates[0][2] is None:
         a, h, _ = candidates[0]
         return _check_hex(algo or a, h)
-    # Exact names first; then, as before names were read verbatim, a line whose name only
-    # has trailing blanks a producer left (the digest is verified anyway).
+    # Exact names first; then a line whose name differs only by trailing blanks a producer
+    # left (tolerated: the digest is verified anyway).
     for exact in (True, False):
         for a2, h2, named in candidates:
             base = None if named is None else named.rsplit("/", 1)[-1]

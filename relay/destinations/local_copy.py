@@ -130,8 +130,8 @@ def _copy_pipelined(fd_src: int, fd_dst: int, mh: MultiHash, progress: Progress,
 
 def _copy_simple(fd_src: int, fd_dst: int, mh: MultiHash, progress: Progress,
                  size_hint: int = CHUNK) -> tuple[int, dict[str, str]]:
-    # bytearray(n) zero-fills: 1 MiB per 4 KiB file was ~2.5% of all CPU in a
-    # small-file run (perf). Size the buffer to the file (+1: the second read sees
+    # bytearray(n) zero-fills: a 1 MiB buffer per 4 KiB file shows in a small-file run's
+    # CPU profile. Size the buffer to the file (+1: the second read sees
     # EOF); a file that grows meanwhile is still read to its end, in more reads.
     buf = bytearray(min(CHUNK, max(size_hint + 1, _SMALL_BUF)))
     view = memoryview(buf)

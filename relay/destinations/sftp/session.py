@@ -26,7 +26,8 @@ __all__ = ["PREFERRED_CIPHERS", "AsyncsshLink", "EarlyFlush", "Link", "Session",
 
 log = get_logger()
 
-PREFERRED_CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"  # ~40% less CPU
+# AES-GCM first: asyncssh's own first choice, chacha20-poly1305, costs it markedly more CPU
+PREFERRED_CIPHERS = "^aes128-gcm@openssh.com,aes256-gcm@openssh.com"
 
 
 def parse_sftp_url(url: str) -> tuple[str, str, int, str]:
