@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def renders(bench: str, data: dict[str, Any]) -> None:
     """bench/report.py renders every scenario of ``bench`` from ``data`` (what the bench
-    writes today, so the documents' generator follows the benches' output)."""
+    writes, so the documents' generator follows the benches' output)."""
     report = bench_module("report")
     r = report.Result(f"{bench}-2026-01-01.json", bench, data)
     for s in report.SCENARIOS:
