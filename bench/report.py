@@ -97,6 +97,8 @@ def _table(head: Sequence[str], rows: Iterable[Sequence[str]], align: str = "") 
 
 
 def _verdict(value: float, op: str, goal: float) -> str:
+    """"met" or "not met", judged on the value as the tables print it (2 decimals)."""
+    value = round(value, 2)
     ok = value <= goal if op == "≤" else value >= goal
     return "met" if ok else "not met"
 

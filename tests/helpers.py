@@ -275,3 +275,15 @@ def bench_module(name: str) -> ModuleType:
         sys.modules[key] = module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+def report_renders(bench: str, data: dict[str, Any]) -> None:
+    """bench/report.py renders every scenario of ``bench`` from ``data``, a result that
+    bench printed: the documents' generator follows what the benches write."""
+    report = bench_module("report")
+    r = report.Result(f"{bench}-2026-01-01.json", bench, data)
+    for s in report.SCENARIOS:
+        if s.bench == bench:
+            assert "- Reproduce: `" in s.render(r)
+            if s.summary:
+                assert len(s.summary(r)) == 5

@@ -6,25 +6,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from tests.helpers import bench_module
+from tests.helpers import bench_module, report_renders
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def renders(bench: str, data: dict[str, Any]) -> None:
-    """bench/report.py renders every scenario of ``bench`` from ``data`` (what the bench
-    writes, so the documents' generator follows the benches' output)."""
-    report = bench_module("report")
-    r = report.Result(f"{bench}-2026-01-01.json", bench, data)
-    for s in report.SCENARIOS:
-        if s.bench == bench:
-            assert "- Reproduce: `" in s.render(r)
-            if s.summary:
-                assert len(s.summary(r)) == 5
 
 
 def test_bench_local_quick_runs_and_reports() -> None:
@@ -36,7 +23,7 @@ def test_bench_local_quick_runs_and_reports() -> None:
     assert data["large"]["mb_s"]["relay"] > 0
     assert data["small_full"]["files"] == 50 and data["small_full"]["files_per_s"] > 0
     assert data["latency"]["samples"] == 10 and data["latency"]["p50_ms"] > 0
-    renders("local", data)
+    report_renders("local", data)
 
 
 def test_bench_scale_quick_runs_and_reports() -> None:
@@ -49,7 +36,7 @@ def test_bench_scale_quick_runs_and_reports() -> None:
     assert b["files"] == 300
     assert 0 < b["first_delivery_s"] <= b["last_delivery_s"]
     assert b["peak_rss_mib"] > 10 and data["big"]["peak_rss_mib"] > 10
-    renders("scale", data)
+    report_renders("scale", data)
 
 
 def test_a_second_result_of_the_same_day_never_overwrites_the_first(

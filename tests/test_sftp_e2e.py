@@ -16,7 +16,16 @@ from typing import Any
 import pytest
 
 from tests.fault_sftp import FaultServer, fault_server
-from tests.helpers import RELAY, RelayProc, drop, relay_env, sha256, wait_for, write_rules
+from tests.helpers import (
+    RELAY,
+    RelayProc,
+    drop,
+    relay_env,
+    report_renders,
+    sha256,
+    wait_for,
+    write_rules,
+)
 from tests.observer import Observer
 from tests.sshd_server import Sshd, make_key, sftp_dir, sshd  # noqa: F401
 from tests.tcp_proxy import TcpProxy
@@ -163,7 +172,8 @@ def test_check_probe_shows_capabilities(tmp_path: Path, sshd: Sshd,  # noqa: F81
 
 
 def test_bench_sftp_quick_runs_and_reports() -> None:
-    """bench_sftp.py --quick starts its own sshd and reports every contender's numbers."""
+    """bench_sftp.py --quick starts its own sshd, reports every contender's numbers, and
+    bench/report.py renders them."""
     script = Path(__file__).resolve().parent.parent / "bench" / "bench_sftp.py"
     res = subprocess.run([sys.executable, str(script), "--quick", "--no-save"],
                          capture_output=True, text=True, timeout=120, check=True)
@@ -171,6 +181,7 @@ def test_bench_sftp_quick_runs_and_reports() -> None:
     assert set(data["large"]["mb_s"]) >= {"relay (delivery)", "sftp -b", "scp"}
     assert data["large"]["ratio_to_sftp"]["sftp -b"] == 1.0
     assert data["small"]["files"] == 30 and data["small"]["files_per_s"]["relay (delivery)"] > 0
+    report_renders("sftp", data)
 
 
 @pytest.mark.parametrize("transport", ["asyncssh", "openssh"])
