@@ -83,6 +83,8 @@ class Evaluator:
         self.seq = 0
         self.payload_seq: dict[tuple[str, str], int] = {}
         self.marker_seq: dict[tuple[str, str], int] = {}
+        # payloads whose last event was their creation, with no write seen since
+        self.only_created: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
         self._stopping = False
         self._gathered_at = 0.0
@@ -103,6 +105,7 @@ class Evaluator:
         """A file is done: the event order seen for it no longer matters."""
         self.payload_seq.pop((source, rel), None)
         self.marker_seq.pop((source, rel), None)
+        self.only_created.discard((source, rel))
 
     def stop(self) -> None:
         self._stopping = True
@@ -123,15 +126,20 @@ class Evaluator:
             return
         what, target = classify(rel, src.ready)
         # The order of events tells whether an empty marker was written after its payload's
-        # last change. A payload's bytes change with "file" events (written, truncated,
-        # moved into place, removed); its "created" says nothing, and must not count: for a
-        # folder made a moment ago, the watcher reports what it finds inside as "created"
-        # in listing order (a marker listed before its payload), after the fact. For a
-        # marker, being created is being written.
-        if from_event and (kind == "file" or (kind == "created" and what == "marker")):
+        # last change. For a marker, being created is being written. A payload's "created"
+        # alone says less: for a folder made a moment ago, the watcher reports what it finds
+        # inside as "created" in listing order (a marker listed before its payload), after
+        # the fact. So a payload whose only event after its marker is its creation is
+        # judged by the mtimes (see _marker_stale); its writes, truncations and renames
+        # ("file") count in event order.
+        if from_event and kind in ("file", "created"):
             self.seq += 1
             if what == "payload":
                 self.payload_seq[(source, target)] = self.seq
+                if kind == "created":
+                    self.only_created.add((source, target))
+                else:
+                    self.only_created.discard((source, target))
             elif what == "marker":
                 self.marker_seq[(source, target)] = self.seq
         if what in ("dirmarker", "manifest"):
@@ -165,10 +173,15 @@ class Evaluator:
 
     def _marker_stale(self, source: str, rel: str) -> bool | None:
         """Did the watcher see the payload change after the marker was last written?
-        None when it saw neither (e.g. both were there at start-up)."""
+        None when it saw neither (e.g. both were there at start-up), or when all it saw of
+        the payload after the marker is its creation (the mtimes tell: a payload created
+        after its marker and written later is newer; one listed after its marker in a new
+        folder is not)."""
         p = self.payload_seq.get((source, rel))
         m = self.marker_seq.get((source, rel))
         if p is None and m is None:
+            return None
+        if p is not None and (source, rel) in self.only_created and p > (m or -1):
             return None
         return (p or -1) > (m or -1)
 
@@ -178,6 +191,7 @@ class Evaluator:
         for seqs in (self.payload_seq, self.marker_seq):
             for key in [k for k in seqs if k[0] == source]:
                 del seqs[key]
+        self.only_created = {k for k in self.only_created if k[0] != source}
 
     async def scan(self, src: SourceRule, below: str = "") -> None:
         """Hint every file of ``src`` (below ``below``), as a start-up scan does."""

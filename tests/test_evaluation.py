@@ -112,18 +112,23 @@ def test_verdicts_are_journalled_and_a_ready_file_is_handed_to_the_job_side(
         journal.close()
 
 
-def test_a_payloads_creation_is_not_a_change_after_its_marker(tmp_path: Path) -> None:
+def test_a_payload_only_created_after_its_marker_is_judged_by_mtimes(tmp_path: Path) -> None:
     """Event order for empty markers: a payload "created" after its marker leaves the
-    marker fresh (a new folder's contents are reported as created, in listing order); a
-    payload written after its marker makes it stale; a marker created afterwards is fresh
-    again."""
+    verdict to the mtimes (None: a new folder's contents are reported as created, in
+    listing order, yet a payload created after its marker and written a moment later is
+    also created first); a payload written after its marker makes it stale; a marker
+    created afterwards is fresh again; a payload created before its marker does not
+    make it stale."""
     evaluator, _, journal, _ = _evaluator(tmp_path)
     journal.close()
     stale = evaluator._marker_stale
     evaluator.hint("in", "d/f.csv.done", "created")
     evaluator.hint("in", "d/f.csv", "created")
-    assert stale("in", "d/f.csv") is False
+    assert stale("in", "d/f.csv") is None
     evaluator.hint("in", "d/f.csv", "file")
     assert stale("in", "d/f.csv") is True
     evaluator.hint("in", "d/f.csv.done", "created")
     assert stale("in", "d/f.csv") is False
+    evaluator.hint("in", "d/g.csv", "created")
+    evaluator.hint("in", "d/g.csv.done", "created")
+    assert stale("in", "d/g.csv") is False
