@@ -22,7 +22,6 @@ from relay.metrics import METRICS
 from relay.paths import compile_glob
 from relay.readiness import Evidence, classify, gather, gather_batch
 from relay.rules import Route, Rules, SourceRule
-from relay.signal_files import Declared
 from relay.states import FileState, Verdict
 
 __all__ = ["Evaluator", "JobControl", "Key", "is_ignored", "scan"]
@@ -286,8 +285,7 @@ class Evaluator:
                 log.error("evaluation_failed", file=key[2], error=str(ev))
                 continue
             try:
-                self._apply(src, route, key, ev.verdict, ev.reason, ev.fingerprint,
-                            ev.signal, ev.declared, rows[src.name].get(key[2]))
+                self._apply(src, route, key, ev, rows[src.name].get(key[2]))
             except Exception as exc:  # one bad file must never stop the others
                 log.exception("evaluation_failed", file=key[2], error=str(exc))
 
@@ -302,8 +300,7 @@ class Evaluator:
                 return
             ev = await asyncio.to_thread(gather, src.path, rel, src.ready,
                                          self._marker_stale(source, rel))
-            self._apply(src, route, key, ev.verdict, ev.reason, ev.fingerprint, ev.signal,
-                        ev.declared, self.journal.get_file(source, rel, kind))
+            self._apply(src, route, key, ev, self.journal.get_file(source, rel, kind))
             return
         bev = await asyncio.to_thread(gather_batch, src.path, rel, src.ready,
                                       lambda r: is_ignored(src, r))
@@ -316,9 +313,9 @@ class Evaluator:
         if route is None:
             log.debug("batch_unrouted", file=rel, source=source)
             return
-        self._apply(src, route, key, bev.verdict, bev.reason, bev.fingerprint,
-                    f"{rel}/{src.ready.directory_marker}", None,
-                    self.journal.get_file(source, rel, kind))
+        ev = Evidence(rel, bev.verdict, bev.reason, fingerprint=bev.fingerprint,
+                      signal=f"{rel}/{src.ready.directory_marker}")
+        self._apply(src, route, key, ev, self.journal.get_file(source, rel, kind))
 
     def _write(self, row: FileRow | None, key: Key, source: str, **fields: Any) -> int:
         """Record a verdict: update ``row``, or insert the file with it. Its id."""
@@ -328,63 +325,96 @@ class Evaluator:
         _, kind, rel = key
         return self.journal.upsert_file(source, rel, kind, **fields).id
 
-    def _apply(self, src: SourceRule, route: Route, key: Key, verdict: Verdict, reason: str,
-               fp: str, sig: str | None, declared: Declared | None,
+    def _apply(self, src: SourceRule, route: Route, key: Key, ev: Evidence,
                row: FileRow | None) -> None:
-        """Record a verdict. ``row``: the file's journal row (None: there is none), read
-        after the caller's last await, so nothing has moved it since."""
-        _, kind, rel = key
-        j = self.journal
-        if verdict == Verdict.GONE:
-            if row is not None and row.state in _FORGETTABLE \
-                    and not self.jobs.busy(row.id):
-                j.delete_file(row.id)
-                log.info("file_forgotten", file=rel, source=src.name, reason=reason)
-            return
-        if row is not None and self.jobs.busy(row.id):
-            self.jobs.defer(row.id, key)  # look again when the running job ends
-            return
-        if row is not None and row.updated_at > self._gathered_at:
-            # A job moved this file on while we were reading: the evidence is stale.
-            self.look_again(key)
+        """Record what ``ev`` says of a file. ``row``: the file's journal row (None: there
+        is none), read after the caller's last await, so nothing has moved it since."""
+        if ev.verdict == Verdict.GONE:
+            self._gone(src, key, ev, row)
             return
         if row is None:
             # Inserted below with its first verdict: one write, not 'seen' then another.
             METRICS.files_seen.labels(route.name).inc()
-            log.info("file_seen", file=rel, source=src.name, route=route.name, kind=kind)
-        elif row.fingerprint == fp and row.state != FileState.SEEN:
+            log.info("file_seen", file=key[2], source=src.name, route=route.name, kind=key[1])
+        elif self.jobs.busy(row.id):
+            self.jobs.defer(row.id, key)  # look again when the running job ends
+            return
+        elif row.updated_at > self._gathered_at:
+            # A job moved this file on while we were reading: the evidence is stale.
+            self.look_again(key)
+            return
+        else:
+            known = self._for_known(src, route, key, ev, row)
+            if known is None:
+                return
+            row = known
+        if ev.verdict in (Verdict.WAITING, Verdict.INVALID):
+            self._waiting(src, route, key, ev, row)
+        else:
+            self._ready(src, route, key, ev, row)
+
+    def _gone(self, src: SourceRule, key: Key, ev: Evidence, row: FileRow | None) -> None:
+        """The payload (or batch) is no longer there: forget a file nothing was done for."""
+        if row is not None and row.state in _FORGETTABLE and not self.jobs.busy(row.id):
+            self.journal.delete_file(row.id)
+            log.info("file_forgotten", file=key[2], source=src.name, reason=ev.reason)
+
+    def _for_known(self, src: SourceRule, route: Route, key: Key, ev: Evidence,
+                   row: FileRow) -> FileRow | None:
+        """What a file's state makes of new evidence: the row to record it on, or None
+        when there is nothing to record."""
+        if row.fingerprint == ev.fingerprint and row.state != FileState.SEEN:
+            # Nothing changed since the last verdict; a file on its way goes on.
             if row.state in (FileState.READY, FileState.DELIVERING, FileState.DELIVERED):
                 self.jobs.start(row.id)
-            return
-        elif row.state == FileState.DONE and verdict != Verdict.READY:
-            # Signals or payload going away (our own post-action, a consumer tidying up)
-            # is not new content. Only a new, valid signal starts a new generation.
-            return
-        elif row.state in (FileState.DONE, FileState.FAILED, FileState.QUARANTINED):
-            j.new_generation(row.id, state=FileState.SEEN, route=route.name, sha256=None, size=None,
-                             reason=None, waiting_since=None, ready_at=None)
-            log.info("file_changed", file=rel, source=src.name, route=route.name,
-                     previous_state=row.state)
-            row = j.file_by_id(row.id) or row
-        elif row.state in (FileState.DELIVERING, FileState.DELIVERED):
-            self.jobs.start(row.id)
-            return
-        now = time.time()
-        if verdict in (Verdict.WAITING, Verdict.INVALID):
-            file_id = self._write(row, key, src.name, state=FileState.WAITING, reason=reason,
-                                  fingerprint=fp, signal=sig, route=route.name,
-                                  waiting_since=(row.waiting_since if row else None) or now)
-            if self._last_reason.get(file_id) != reason:
-                self._last_reason[file_id] = reason
-                log.info("file_waiting", file=rel, source=src.name, route=route.name,
-                         reason=reason, invalid=verdict == Verdict.INVALID)
-            return
-        file_id = self._write(row, key, src.name, state=FileState.READY, reason=reason,
-                              fingerprint=fp, signal=sig, route=route.name, ready_at=now,
+            return None
+        match row.state:
+            case FileState.DONE if ev.verdict != Verdict.READY:
+                # Signals or payload going away (our own post-action, a consumer tidying
+                # up) is not new content. Only a new, valid signal starts a generation.
+                return None
+            case FileState.DONE | FileState.FAILED | FileState.QUARANTINED:
+                return self._new_generation(src, route, key, row)
+            case FileState.DELIVERING | FileState.DELIVERED:
+                # Past the point of no return: the job finishes what the journal says.
+                self.jobs.start(row.id)
+                return None
+            case _:  # seen, waiting, ready: the new evidence replaces the old
+                return row
+
+    def _new_generation(self, src: SourceRule, route: Route, key: Key,
+                        row: FileRow) -> FileRow:
+        """New content under a name relay has finished with: it starts over as seen."""
+        self.journal.new_generation(row.id, state=FileState.SEEN, route=route.name,
+                                    sha256=None, size=None, reason=None,
+                                    waiting_since=None, ready_at=None)
+        log.info("file_changed", file=key[2], source=src.name, route=route.name,
+                 previous_state=row.state)
+        return self.journal.file_by_id(row.id) or row
+
+    def _waiting(self, src: SourceRule, route: Route, key: Key, ev: Evidence,
+                 row: FileRow | None) -> None:
+        """Not ready (yet), or invalid evidence: record why, log it when the reason is new."""
+        file_id = self._write(row, key, src.name, state=FileState.WAITING, reason=ev.reason,
+                              fingerprint=ev.fingerprint, signal=ev.signal, route=route.name,
+                              waiting_since=(row.waiting_since if row else None) or time.time())
+        if self._last_reason.get(file_id) != ev.reason:
+            self._last_reason[file_id] = ev.reason
+            log.info("file_waiting", file=key[2], source=src.name, route=route.name,
+                     reason=ev.reason, invalid=ev.verdict == Verdict.INVALID)
+
+    def _ready(self, src: SourceRule, route: Route, key: Key, ev: Evidence,
+               row: FileRow | None) -> None:
+        """Ready: record the evidence (the declared digest the copy must match) and start
+        its job."""
+        declared = ev.declared
+        file_id = self._write(row, key, src.name, state=FileState.READY, reason=ev.reason,
+                              fingerprint=ev.fingerprint, signal=ev.signal, route=route.name,
+                              ready_at=time.time(),
                               declared_algo=declared.algo if declared else None,
                               declared_digest=declared.hexdigest if declared else None)
         self._last_reason.pop(file_id, None)
         METRICS.files_ready.labels(route.name).inc()
-        log.info("file_ready", file=rel, source=src.name, route=route.name, signal=sig,
-                 declared=declared.hexdigest if declared else None)
+        log.info("file_ready", file=key[2], source=src.name, route=route.name,
+                 signal=ev.signal, declared=declared.hexdigest if declared else None)
         self.jobs.start(file_id)
