@@ -4,14 +4,11 @@ no file is lost (the source stays until a valid delivery, which then happens).""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import os
 import sqlite3
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -21,12 +18,20 @@ import yaml
 from tests.helpers import (
     RELAY,
     RelayProc,
+    alive,
     drop,
+    events,
+    journal_row,
     larger_than,
+    listed,
     one_route_zone,
     relay_env,
+    remount,
     run_once,
     sha256,
+    status,
+    tmpfs,
+    tree,
     wait_for,
     write_rules,
 )
@@ -34,78 +39,6 @@ from tests.observer import Observer
 
 FAST_RETRY = {"RELAY_RETRY_BASE": "0.05", "RELAY_RETRY_CAP": "0.3",
               "RELAY_BREAKER_COOLDOWN": "0.3"}
-
-
-# -- helpers -----------------------------------------------------------------------------
-
-
-def events(text: str, event: str | None = None, file: str | None = None) -> list[dict[str, Any]]:
-    """The JSON log objects in ``text`` (other lines skipped), filtered by event and file."""
-    out = []
-    for line in text.splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if event is not None and obj.get("event") != event:
-            continue
-        if file is not None and obj.get("file") != file:
-            continue
-        out.append(obj)
-    return out
-
-
-def status(tmp: Path, rules: Path) -> dict[str, Any]:
-    res = subprocess.run([*RELAY, "status", "--json", "--limit", "1000"],
-                         env=relay_env(tmp, rules), capture_output=True, text=True,
-                         check=True, timeout=60)
-    return json.loads(res.stdout)  # type: ignore[no-any-return]
-
-
-def listed(st: dict[str, Any], state: str) -> dict[str, dict[str, Any]]:
-    return {it["file"]: it for it in st["lists"][state]}
-
-
-def journal_row(tmp: Path, rel: str) -> tuple[str, str | None] | None:
-    """(state, reason) of ``rel`` in the journal, read while relay may be running."""
-    key: str | bytes = rel
-    try:
-        rel.encode("utf-8")
-    except UnicodeEncodeError:  # a name that is not UTF-8 can only be stored as bytes
-        key = rel.encode("utf-8", "surrogateescape")
-    db = sqlite3.connect(tmp / "journal.sqlite3", timeout=10)
-    try:
-        row = db.execute("SELECT state, reason FROM files WHERE rel=?", (key,)).fetchone()
-    except sqlite3.OperationalError:  # not created yet
-        return None
-    finally:
-        db.close()
-    return (row[0], row[1]) if row else None
-
-
-def tree(root: Path) -> set[str]:
-    """Every file below ``root`` (hidden ones included), as relative paths."""
-    return {p.relative_to(root).as_posix() for p in root.rglob("*") if not p.is_dir()}
-
-
-def alive(relay: RelayProc) -> bool:
-    return relay.proc is not None and relay.proc.poll() is None
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, options: str) -> Iterator[Path]:
-    """A small tmpfs mounted on ``path`` for the duration of the block."""
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        if subprocess.run(["umount", str(path)], capture_output=True).returncode:
-            subprocess.run(["umount", "-l", str(path)], check=True)
-
-
-def remount(path: Path, options: str) -> None:
-    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True)
 
 
 class NoDacRelay(RelayProc):

@@ -8,9 +8,18 @@ import sqlite3
 import time
 from pathlib import Path
 
-from tests.helpers import RelayProc, drop, one_route_zone, run_once, sha256, wait_for, write_rules
+from tests.helpers import (
+    RelayProc,
+    drop,
+    journal_row,
+    one_route_zone,
+    run_once,
+    sha256,
+    tree,
+    wait_for,
+    write_rules,
+)
 from tests.observer import Observer
-from tests.test_bad_input import journal_row, tree
 
 KILLS = 12
 FILES = 60

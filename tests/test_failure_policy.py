@@ -12,8 +12,22 @@ import yaml
 
 from relay.breaker import Breaker
 from relay.delivery import backoff
-from tests.helpers import RELAY, RelayProc, drop, relay_env, run_once, wait_for, write_rules
-from tests.test_bad_input import alive, events, journal_row, listed, remount, status, tmpfs
+from tests.helpers import (
+    RELAY,
+    RelayProc,
+    alive,
+    drop,
+    events,
+    journal_row,
+    listed,
+    relay_env,
+    remount,
+    run_once,
+    status,
+    tmpfs,
+    wait_for,
+    write_rules,
+)
 
 
 def test_backoff_grows_and_is_capped() -> None:

@@ -28,17 +28,21 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import RELAY, RelayProc, drop, relay_env, sha256, wait_for, write_rules
-from tests.observer import Observer
+from tests.helpers import (
+    RELAY,
+    RelayProc,
+    check_delivered,
+    drop,
+    leftovers,
+    relay_env,
+    sha256,
+    wait_for,
+    write_rules,
+)
+from tests.observer import BatchObserver, Observer, check_observers
+from tests.producer import Producer
 from tests.sshd_server import Sshd, sftp_dir, sshd  # noqa: F401
 from tests.tcp_proxy import ChaosProxy, TcpProxy
-from tests.test_torture import (
-    BatchObserver,
-    Producer,
-    _leftovers,
-    check_delivered,
-    check_observers,
-)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -172,7 +176,7 @@ def sftp_torture(tmp_path: Path, sshd: Sshd, server_dir: Path,  # noqa: F811
     for root in (s, t):
         check_delivered(root, producer.files)
         # Temporaries kept for resume are finished by the end; probe files never stay.
-        assert _leftovers(root) == [], _leftovers(root)[:10]
+        assert leftovers(root) == [], leftovers(root)[:10]
         assert sorted(p.name for p in root.iterdir() if p.name.startswith(".")) in (
             [], [".relay-staging"])
     members = len(producer.files) - CRASH_BATCHES
@@ -275,7 +279,7 @@ def test_network_chaos_cuts_stalls_slowdowns(tmp_path: Path, sshd: Sshd,  # noqa
         assert (sftp_dir / rel).read_bytes() == data, rel
         assert (sftp_dir / f"{rel}.sha256").read_text() == \
             f"{sha256(data)}  {PurePosixPath(rel).name}\n"
-    assert _leftovers(sftp_dir) == [], _leftovers(sftp_dir)[:10]
+    assert leftovers(sftp_dir) == [], leftovers(sftp_dir)[:10]
     _journal_checks(tmp_path / "journal.sqlite3", len(files))
     log = relay.logs()
     resumes, fallbacks = _count(log, "transfer_resumed"), _count(log, "transfer_resume_fallback")

@@ -6,8 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from tests.helpers import RelayProc, drop, larger_than, one_route_zone, wait_for
-from tests.test_bad_input import journal_row
+from tests.helpers import RelayProc, drop, journal_row, larger_than, one_route_zone, wait_for
 
 
 def test_payload_truncated_during_a_marker_copy_is_not_delivered(tmp_path: Path) -> None:

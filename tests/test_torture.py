@@ -22,7 +22,7 @@ import sqlite3
 import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import structlog
 import yaml
@@ -37,161 +37,24 @@ from relay.journal import Journal
 from relay.logs import configure
 from relay.rules import load_rules
 from relay.signal_files import DIGEST_LENGTHS, MalformedSignal, parse_digest, parse_manifest
-from tests.helpers import RELAY, RelayProc, relay_env, sha256, wait_for, write_rules
-from tests.observer import Observer
+from tests.helpers import (
+    RELAY,
+    RelayProc,
+    check_delivered,
+    leftovers,
+    relay_env,
+    sha256,
+    wait_for,
+    write_rules,
+)
+from tests.observer import BatchObserver, check_observers
+from tests.producer import Producer
 
 # -- the crash loop ----------------------------------------------------------------------
 
 FILES = 300
 BATCHES = 6
 KILLS = 30
-SIZES = [0, 1, 17, 4096, 65_536, 300_000, 1_500_000, 6_000_000]
-WEIGHTS = [3, 3, 10, 20, 25, 20, 12, 4]
-
-
-class BatchObserver(Observer):
-    """Also fails the run if a batch's _SUCCESS is visible before all of its members."""
-
-    def __init__(self, root: Path, expected: dict[str, str],
-                 batches: dict[str, list[str]], strict_markers: bool = False) -> None:
-        super().__init__(root, expected)
-        self.batches = batches
-        self.strict_markers = strict_markers
-        self.marker_rewrites: list[str] = []
-
-    def check_once(self) -> None:
-        for d, members in self.batches.items():
-            if (self.root / d / "_SUCCESS").exists():
-                missing = [m for m in members if not (self.root / m).exists()]
-                if missing:
-                    self.violations.append(f"{d}/_SUCCESS visible before {missing[:3]}")
-        seen = len(self.violations)
-        super().check_once()
-        # The staging folder is hidden: consumers skip it as they skip hidden names.
-        new = [v for v in self.violations[seen:] if ".relay-staging/" not in v]
-        if not self.strict_markers:
-            # A kill between writing a batch's _SUCCESS and journalling it makes recovery
-            # write it again (same empty content, new inode): counted, reported, tolerated
-            # here; tests/pending_bugs.py holds the strict version.
-            self.marker_rewrites += [v for v in new if v.endswith("/_SUCCESS replaced after "
-                                                                  "it appeared")]
-            new = [v for v in new if v not in self.marker_rewrites]
-        self.violations[seen:] = new
-
-
-def _signal_text(rng: random.Random, rel: str, data: bytes) -> tuple[str, str]:
-    """(signal suffix, body) in one of the accepted forms."""
-    name = PurePosixPath(rel).name
-    kind = rng.choice(["bare", "gnu", "gnu_binary", "bsd", "sha512", "md5", "done_digest"])
-    h = sha256(data)
-    if kind == "bare":
-        return ".sha256", h + "\n"
-    if kind == "gnu":
-        return ".sha256", f"{h}  {name}\n"
-    if kind == "gnu_binary":
-        return ".sha256", f"{h} *{name}\n"
-    if kind == "bsd":
-        return ".sha256", f"SHA256 ({name}) = {h}\n"
-    if kind == "sha512":
-        return ".sha512", f"{hashlib.sha512(data).hexdigest()}  {name}\n"
-    if kind == "md5":
-        return ".md5", f"{hashlib.md5(data).hexdigest()}  {name}\n"
-    return ".done", f"{h}  {name}\n"
-
-
-class Producer:
-    """Drops files in steps. A step writes whole files, or begins a file by writing its
-    sidecar and the first part of the payload (finished in a later step: the A→B→C race
-    relay must not fall for), or completes a batch folder (members, manifest, _SUCCESS)."""
-
-    def __init__(self, root: Path, rng: random.Random, files: int = FILES,
-                 batches: int = BATCHES, sizes: list[int] = SIZES,
-                 weights: list[int] = WEIGHTS) -> None:
-        self.root = root
-        self.rng = rng
-        self.files: dict[str, bytes] = {}
-        self.batches: dict[str, list[str]] = {}
-        self.todo: list[tuple[str, object]] = []
-        self.unfinished: list[tuple[str, bytes]] = []
-        for i in range(files):
-            size = rng.choices(sizes, weights)[0]
-            rel = f"d{i % 7}/{'' if i % 3 else 'sub/'}f{i}{rng.choice(['.csv', '.bin', ''])}"
-            data = rng.randbytes(size)
-            self.files[rel] = data
-            self.todo.append(("file", rel))
-        for b in range(batches):
-            d = f"batch{b}"
-            members = []
-            for m in range(rng.randint(1, 6)):
-                rel = f"{d}/part-{m}.csv"
-                self.files[rel] = rng.randbytes(rng.choices(sizes[:6], weights[:6])[0])
-                members.append(rel)
-            manifest = "".join(f"{sha256(self.files[m])}  {PurePosixPath(m).name}\n"
-                               for m in members)
-            self.files[f"{d}/SHA256SUMS"] = manifest.encode()
-            self.files[f"{d}/_SUCCESS"] = b""
-            self.batches[d] = [*members, f"{d}/SHA256SUMS"]
-            self.todo.append(("batch", d))
-        rng.shuffle(self.todo)
-
-    def _write(self, rel: str, data: bytes) -> None:
-        p = self.root / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.parent / f".{p.name}.part"
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
-
-    def step(self, n: int) -> None:
-        for rel, data in self.unfinished:  # second half of a payload whose sidecar is out
-            with open(self.root / rel, "ab") as f:
-                f.write(data[len(data) // 2:])
-        self.unfinished = []
-        batch, self.todo = self.todo[:n], self.todo[n:]
-        for kind, what in batch:
-            assert isinstance(what, str)
-            if kind == "batch":
-                for m in self.batches[what][:-1]:
-                    self._write(m, self.files[m])
-                self._write(f"{what}/SHA256SUMS", self.files[f"{what}/SHA256SUMS"])
-                self._write(f"{what}/_SUCCESS", b"")
-                continue
-            data = self.files[what]
-            suffix, body = _signal_text(self.rng, what, data)
-            if len(data) > 1 and self.rng.random() < 0.25:
-                self._write(what + suffix, body.encode())  # signal first, payload half-done
-                p = self.root / what
-                p.write_bytes(data[: len(data) // 2])
-                self.unfinished.append((what, data))
-            else:
-                self._write(what, data)
-                self._write(what + suffix, body.encode())
-
-    def finish(self) -> None:
-        while self.todo or self.unfinished:
-            self.step(len(self.todo))
-
-
-def _leftovers(root: Path) -> list[str]:
-    return [p.relative_to(root).as_posix() for p in root.rglob("*")
-            if p.is_file() and (p.name.startswith(".") or ".relay-staging" in p.parts)]
-
-
-def check_observers(observers: list[Observer]) -> None:
-    """After the run: the observers saw no violation, and really looked."""
-    for o in observers:
-        o.check_once()
-        assert o.violations == [], o.violations[:10]
-        assert o.polls > 100
-
-
-def check_delivered(root: Path, files: dict[str, bytes]) -> None:
-    """Every produced file at ``root`` with its content, and each single file's sidecar
-    in the form relay writes."""
-    for rel, data in files.items():
-        assert (root / rel).read_bytes() == data, (root, rel)
-        if not rel.startswith("batch"):
-            assert (root / f"{rel}.sha256").read_text() == \
-                f"{sha256(data)}  {PurePosixPath(rel).name}\n"
 
 
 def torture(tmp_path: Path, batch_then: str = "keep", strict_markers: bool = False) -> str:
@@ -266,7 +129,7 @@ def torture(tmp_path: Path, batch_then: str = "keep", strict_markers: bool = Fal
     check_observers(observers)
     for root in (a, b):
         check_delivered(root, producer.files)
-        assert _leftovers(root) == []
+        assert leftovers(root) == []
     for rel in kept:
         assert (src / rel).read_bytes() == producer.files[rel]
     members = len(producer.files) - BATCHES  # every payload, member and manifest
