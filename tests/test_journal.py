@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,12 @@ def test_group_window_commits_without_a_waiter(tmp_path: Path) -> None:
 
     async def go() -> None:
         j.upsert_file("in", "a", "file", state="seen")
-        await asyncio.sleep(0.1)
-        assert _states(path) == {"a": "seen"}
+        assert _states(path) == {}  # not committed by the write itself
+        # Nothing awaits durable(): the window's own timer commits it, while the loop runs.
+        deadline = time.monotonic() + 10
+        while _states(path) != {"a": "seen"}:
+            assert time.monotonic() < deadline, "the group window never committed"
+            await asyncio.sleep(0.005)
 
     asyncio.run(go())
     j.close()
