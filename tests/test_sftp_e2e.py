@@ -181,6 +181,7 @@ def test_bench_sftp_quick_runs_and_reports() -> None:
     assert set(data["large"]["mb_s"]) >= {"relay (delivery)", "sftp -b", "scp"}
     assert data["large"]["ratio_to_sftp"]["sftp -b"] == 1.0
     assert data["small"]["files"] == 30 and data["small"]["files_per_s"]["relay (delivery)"] > 0
+    assert data["small"]["speedup_vs_like_for_like"]["sftp -b like for like"] == 1.0
     report_renders("sftp", data)
 
 
