@@ -295,7 +295,7 @@ asyncio.run(main())
 @pytest.mark.parametrize("where", ["mkdtemp", "spawn"])
 def test_no_room_for_the_control_socket_or_process_is_retryable(
         sshd: Sshd, sftp_dir: Path, monkeypatch: pytest.MonkeyPatch,  # noqa: F811
-        where: str) -> None:
+        where: str, tmp_path: Path) -> None:
     """A control-socket folder that cannot be made (read-only or full /tmp) or an ssh that
     cannot be started (no processes left) is a retryable connect error naming what failed,
     not an internal error of the job."""
@@ -310,12 +310,16 @@ def test_no_room_for_the_control_socket_or_process_is_retryable(
         monkeypatch.setattr(mod.tempfile, "mkdtemp", refuse)
     else:
         monkeypatch.setattr(mod.asyncio, "create_subprocess_exec", refuse)
-    before = set(Path(tempfile.gettempdir()).glob("relay-ssh-*"))
+    # A temporary folder of its own: other relays on this machine make and remove theirs
+    # in /tmp meanwhile (and ssh never starts here, so no socket needs a short path).
+    private = tmp_path / "tmp"
+    private.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(private))
     exc = start_error(SftpDestination(rule(sshd, sftp_dir)))
     assert isinstance(exc, RetryableError), repr(exc)
     want = "control socket" if where == "mkdtemp" else "cannot start ssh"
     assert want in str(exc) and ("Read-only" in str(exc) or "unavailable" in str(exc)), exc
-    assert set(Path(tempfile.gettempdir()).glob("relay-ssh-*")) == before  # none left
+    assert list(private.iterdir()) == []  # none left
 
 
 def test_ssh_processes_die_with_a_sigkilled_relay(sshd: Sshd, sftp_dir: Path) -> None:  # noqa: F811
@@ -595,3 +599,31 @@ def test_killing_an_exited_ssh_keeps_its_exit_status(monkeypatch: pytest.MonkeyP
 
     assert asyncio.run(main()) == 3
     assert "Unknown child process" not in caplog.text
+
+
+def test_control_socket_folders_left_by_a_killed_relay_are_removed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A relay killed with kill -9 leaves its ssh control-socket folders behind; the next
+    one to log in removes those whose socket nobody listens on, and only those."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(sftp_openssh, "_swept", False)
+    dead, live, logging_in = (tmp_path / f"relay-ssh-{n}" for n in ("dead", "live", "login"))
+    for d in (dead, live, logging_in):
+        d.mkdir()
+    gone = socket.socket(socket.AF_UNIX)
+    gone.bind(str(dead / "c"))  # bound, never listening, closed: as a killed master's
+    gone.close()
+    listening = socket.socket(socket.AF_UNIX)
+    listening.bind(str(live / "c"))
+    listening.listen()
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    stray = socket.socket(socket.AF_UNIX)
+    stray.bind(str(other / "c"))
+    stray.close()
+    try:
+        sftp_openssh._remove_dead_socket_dirs()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "relay-ssh-live", "relay-ssh-login", "unrelated"]
+    finally:
+        listening.close()

@@ -270,6 +270,40 @@ class OpensshLink:
         await wait_closed(self)
 
 
+SOCKDIR_PREFIX = "relay-ssh-"
+_swept = False
+
+
+def _remove_dead_socket_dirs() -> None:
+    """Remove the control-socket folders that relays killed with ``kill -9`` left in the
+    temporary folder: this user's ``relay-ssh-*`` folders whose socket nobody listens on
+    (the master that made it is gone). A folder without a socket may be a login under
+    way in another relay, and stays. Once per process: a killed relay leaves one folder
+    per connection it had."""
+    global _swept
+    if _swept:
+        return
+    _swept = True
+    tmp = tempfile.gettempdir()
+    try:
+        names = [n for n in os.listdir(tmp) if n.startswith(SOCKDIR_PREFIX)]
+    except OSError:
+        return
+    for name in names:
+        folder = os.path.join(tmp, name)
+        sock = os.path.join(folder, "c")
+        try:
+            if os.lstat(folder).st_uid != os.getuid() or not os.path.exists(sock):
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.connect(sock)  # a live master answers: its folder stays
+        except ConnectionRefusedError:
+            shutil.rmtree(folder, ignore_errors=True)
+            log.debug("ssh_socket_dir_removed", folder=folder)
+        except OSError:
+            continue
+
+
 async def open_openssh(rule: SftpRule, user: str, host: str, port: int,
                        channels: int, stall: float, passphrase: str | None = None,
                        password: str | None = None
@@ -291,8 +325,9 @@ async def open_openssh(rule: SftpRule, user: str, host: str, port: int,
             raise PermanentError(f"{what}: cannot read identity {rule.identity}: "
                                  f"{exc.strerror}") from exc
     opts = ssh_options(rule, port)
+    _remove_dead_socket_dirs()
     try:
-        sockdir = tempfile.mkdtemp(prefix="relay-ssh-")  # short: sun_path holds 108 bytes
+        sockdir = tempfile.mkdtemp(prefix=SOCKDIR_PREFIX)  # short: sun_path holds 108 bytes
     except OSError as exc:
         raise RetryableError(f"{what}: cannot make a folder for ssh's control socket: "
                              f"{exc.strerror or exc} (transport: openssh needs a writable "
