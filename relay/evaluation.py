@@ -314,7 +314,7 @@ class Evaluator:
             log.debug("batch_unrouted", file=rel, source=source)
             return
         ev = Evidence(rel, bev.verdict, bev.reason, fingerprint=bev.fingerprint,
-                      signal=f"{rel}/{src.ready.directory_marker}")
+                      evidence_file=f"{rel}/{src.ready.directory_marker}")
         self._apply(src, route, key, ev, self.journal.get_file(source, rel, kind))
 
     def _write(self, row: FileRow | None, key: Key, source: str, **fields: Any) -> int:
@@ -396,7 +396,7 @@ class Evaluator:
                  row: FileRow | None) -> None:
         """Not ready (yet), or invalid evidence: record why, log it when the reason is new."""
         file_id = self._write(row, key, src.name, state=FileState.WAITING, reason=ev.reason,
-                              fingerprint=ev.fingerprint, signal=ev.signal, route=route.name,
+                              fingerprint=ev.fingerprint, signal=ev.evidence_file, route=route.name,
                               waiting_since=(row.waiting_since if row else None) or time.time())
         if self._last_reason.get(file_id) != ev.reason:
             self._last_reason[file_id] = ev.reason
@@ -409,12 +409,12 @@ class Evaluator:
         its job."""
         declared = ev.declared
         file_id = self._write(row, key, src.name, state=FileState.READY, reason=ev.reason,
-                              fingerprint=ev.fingerprint, signal=ev.signal, route=route.name,
+                              fingerprint=ev.fingerprint, signal=ev.evidence_file, route=route.name,
                               ready_at=time.time(),
                               declared_algo=declared.algo if declared else None,
                               declared_digest=declared.hexdigest if declared else None)
         self._last_reason.pop(file_id, None)
         METRICS.files_ready.labels(route.name).inc()
         log.info("file_ready", file=key[2], source=src.name, route=route.name,
-                 signal=ev.signal, declared=declared.hexdigest if declared else None)
+                 signal=ev.evidence_file, declared=declared.hexdigest if declared else None)
         self.jobs.start(file_id)

@@ -11,7 +11,8 @@ A marker written *before* its payload does not vouch for it: if the payload chan
 the marker was last written, relay waits for the marker to be written again. That check
 only ever withholds readiness; it never grants it.
 
-What signal files say is parsed in :mod:`relay.signal_files`; :func:`decide` is pure;
+What evidence files (sidecars, markers, manifests) say is parsed in
+:mod:`relay.signal_files`; :func:`decide` is pure;
 :func:`gather` does the small reads.
 """
 
@@ -70,7 +71,7 @@ class Evidence:
     rel: str
     verdict: Verdict
     reason: str
-    signal: str | None = None
+    evidence_file: str | None = None  # the sidecar or marker the verdict rests on
     declared: Declared | None = None
     size: int | None = None
     fingerprint: str = ""
@@ -79,7 +80,7 @@ class Evidence:
 
 
 def _read_small(path: Path, stats: list[str] | None = None) -> str:
-    """Read a signal file (at most MAX_SIGNAL_BYTES). Its fingerprint, appended to
+    """Read an evidence file (at most MAX_SIGNAL_BYTES). Its fingerprint, appended to
     ``stats``, is taken *before* reading: it may then be older than the bytes we read
     (harmless: the next look sees a new fingerprint and decides again), never newer.
     Taken after, a write landing between the read and the fstat (a sidecar read empty
@@ -142,7 +143,7 @@ def decide(
 ) -> Evidence:
     """Pure decision for one payload.
 
-    ``sidecars``: (signal rel, algo, body or read error); ``markers``: (signal rel, stat,
+    ``sidecars``: (sidecar rel, algo, body or read error); ``markers``: (marker rel, stat,
     body or read error); ``marker_stale``: True/False when the watcher saw the order of the
     last payload change and the last marker write (True: payload after marker), None when it
     saw neither (start-up): then an empty marker older (mtime) than the payload waits.
@@ -156,42 +157,43 @@ def decide(
     notes: list[str] = []
     for sig, algo, body in sidecars:
         if isinstance(body, Exception):
-            return Evidence(rel, Verdict.INVALID, f"malformed sidecar {sig}: {body}", signal=sig)
+            return Evidence(rel, Verdict.INVALID, f"malformed sidecar {sig}: {body}",
+                            evidence_file=sig)
         try:
             a, h = parse_digest(body, algo, name)
         except MalformedSignal as exc:
-            return Evidence(rel, Verdict.INVALID, f"malformed sidecar {sig}: {exc}", signal=sig,
-                            notes=notes)
+            return Evidence(rel, Verdict.INVALID, f"malformed sidecar {sig}: {exc}",
+                            evidence_file=sig, notes=notes)
         ev_decl = Declared(a, h, sig)
         if payload is None:
             return Evidence(rel, Verdict.WAITING, f"sidecar {sig} present, payload missing",
-                            signal=sig, declared=ev_decl, notes=notes)
-        return Evidence(rel, Verdict.READY, f"sidecar {sig} declares {a}", signal=sig,
+                            evidence_file=sig, declared=ev_decl, notes=notes)
+        return Evidence(rel, Verdict.READY, f"sidecar {sig} declares {a}", evidence_file=sig,
                         declared=ev_decl, size=payload.st_size, notes=notes)
     for sig, mst, body in markers:
         if isinstance(body, Exception):
-            return Evidence(rel, Verdict.INVALID, f"marker {sig}: {body}", signal=sig)
+            return Evidence(rel, Verdict.INVALID, f"marker {sig}: {body}", evidence_file=sig)
         if payload is None:
             return Evidence(rel, Verdict.WAITING, f"marker {sig} present, payload missing",
-                            signal=sig, notes=notes)
+                            evidence_file=sig, notes=notes)
         declared = None
         if body.strip():
             try:
                 a, h = parse_digest(body, None, name)
             except MalformedSignal as exc:
                 return Evidence(rel, Verdict.INVALID, f"malformed digest in marker {sig}: {exc}",
-                                signal=sig)
+                                evidence_file=sig)
             declared = Declared(a, h, sig)
         elif _stale(marker_stale, payload.st_mtime_ns, mst.st_mtime_ns):
             # The payload changed after the (empty) marker was written: the marker
             # cannot vouch for these bytes. Only a rewrite of the marker can.
             return Evidence(rel, Verdict.WAITING,
                             f"payload changed after marker {sig}; waiting for a new marker",
-                            signal=sig, notes=notes, stale=True)
+                            evidence_file=sig, notes=notes, stale=True)
         return Evidence(rel, Verdict.READY, f"marker {sig}" + (" with digest" if declared else ""),
-                        signal=sig, declared=declared, size=payload.st_size, notes=notes)
+                        evidence_file=sig, declared=declared, size=payload.st_size, notes=notes)
     if payload is None:
-        return Evidence(rel, Verdict.GONE, "payload and signals are gone")
+        return Evidence(rel, Verdict.GONE, "payload and evidence are gone")
     return Evidence(rel, Verdict.WAITING, "no sidecar or marker yet", size=payload.st_size,
                     notes=notes)
 
@@ -212,7 +214,7 @@ def _stale(events: bool | None, payload_mtime: int, marker_mtime: int) -> bool:
 
 def gather(root: Path, rel: str, ready: ReadyRule,
            marker_stale: bool | None = None) -> Evidence:
-    """Read the payload's stat and its signal files under ``root``, then :func:`decide`."""
+    """Read the payload's stat and its evidence files under ``root``, then :func:`decide`."""
     link = through_symlink(root, rel)
     if link is not None:
         return Evidence(rel, Verdict.INVALID, f"reached through symlinked folder {link}; "

@@ -119,7 +119,8 @@ def explain(settings: Settings, rules: Rules, path: str, do_hash: bool = False) 
     ev = gather(src.path, payload, src.ready)
     print(f"evidence: {ev.verdict} — {ev.reason}")
     if ev.declared:
-        print(f"declared: {ev.declared.algo} {ev.declared.hexdigest} (from {ev.declared.signal})")
+        print(f"declared: {ev.declared.algo} {ev.declared.hexdigest} "
+              f"(from {ev.declared.evidence_file})")
         if do_hash and (src.path / payload).is_file():
             full = src.path / payload
             bar = ProgressBar(full.stat().st_size, f"hashing {payload}")

@@ -35,11 +35,11 @@ class MalformedSignal(ValueError):
 
 @dataclass(frozen=True)
 class Declared:
-    """A digest some signal file declares for a payload."""
+    """A digest some evidence file (sidecar, marker, manifest) declares for a payload."""
 
     algo: str
     hexdigest: str
-    signal: str  # relative path of the signal file that declared it
+    evidence_file: str  # relative path of the sidecar, marker or manifest that declared it
 
 
 def _check_hex(algo: str | None, hexd: str) -> tuple[str, str]:

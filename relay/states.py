@@ -25,8 +25,8 @@ __all__ = ["DELIVERY_MOVES", "FILE_MOVES", "DeliveryState", "FileState", "Result
 
 class FileState(StrEnum):
     SEEN = "seen"                # recorded, not evaluated yet
-    WAITING = "waiting"          # its signal does not vouch for it (yet): reason says why
-    READY = "ready"              # a signal vouches for it: a job will deliver it
+    WAITING = "waiting"          # its evidence does not vouch for it (yet): reason says why
+    READY = "ready"              # its evidence vouches for it: a job will deliver it
     DELIVERING = "delivering"    # deliveries planned; some destination does not have it yet
     DELIVERED = "delivered"      # every destination has it; the post-action is left
     DONE = "done"                # delivered and post-action applied
@@ -59,8 +59,8 @@ class Verdict(StrEnum):
 
     READY = "ready"
     WAITING = "waiting"
-    INVALID = "invalid"  # a signal that can never vouch as it is (malformed, a symlink)
-    GONE = "gone"        # payload and signals are gone
+    INVALID = "invalid"  # evidence that can never vouch as it is (malformed, a symlink)
+    GONE = "gone"        # payload and evidence are gone
 
 
 F, D = FileState, DeliveryState
