@@ -140,3 +140,57 @@ def test_a_closed_stdout_drops_the_turns_lines_without_an_error_storm() -> None:
     asyncio.run(turn())
     assert errors == []
     assert w._buf == []
+
+
+def test_plain_events_are_rendered_as_the_processor_chain_renders_them(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The JSON lines relay renders itself are the ones structlog's chain would write:
+    same keys in the same order, same values (only the timestamp differs, by when);
+    calls the shortcut cannot render (a value JSON does not know, bound context
+    variables, capture_logs) go through structlog and still arrive."""
+    from pathlib import Path
+
+    from relay.states import FileState
+
+    old, threshold = structlog.get_config(), logs._threshold
+    calls: list[tuple[str, dict[str, object]]] = [
+        ("file_ready", {"file": "a b/ü.csv", "signal": None, "declared": "ab" * 32}),
+        ("file_staged", {"bytes": 4096, "duration_ms": 1.25, "ok": True, "n": [1, "x"]}),
+        ("state_named", {"state": FileState.READY, "nested": {"k": [None, 2.5]}}),
+        ("odd_value", {"path": Path("/x y"), "then": "keep"}),
+        ("no_keys", {}),
+    ]
+    try:
+        configure("info", "json")
+        log = get_logger()
+        for event, kw in calls:
+            log.info(event, **kw)
+        ours = capsys.readouterr().out.splitlines()
+        shortcut, logs._json = logs._json, None  # every call through structlog
+        for event, kw in calls:
+            log.info(event, **kw)
+        theirs = capsys.readouterr().out.splitlines()
+        logs._json = shortcut
+        assert len(ours) == len(theirs) == len(calls)
+        for a, b in zip(ours, theirs, strict=True):
+            da, db = json.loads(a), json.loads(b)
+            assert da.pop("timestamp")[:4] == db.pop("timestamp")[:4]
+            assert list(da.items()) == list(db.items())
+            assert a.split('"timestamp"')[0] == b.split('"timestamp"')[0]
+        assert json.loads(ours[3])["path"] == repr(Path("/x y"))  # structlog rendered it
+
+        structlog.contextvars.bind_contextvars(request="r1")
+        try:
+            log.info("with_context", n=1)
+        finally:
+            structlog.contextvars.clear_contextvars()
+        assert json.loads(capsys.readouterr().out)["request"] == "r1"
+        with capture_logs() as seen:
+            log.info("captured", n=2)
+        assert seen == [{"event": "captured", "log_level": "info", "n": 2}]
+        assert capsys.readouterr().out == ""
+        log.info("after_capture", n=3)
+        assert json.loads(capsys.readouterr().out)["event"] == "after_capture"
+    finally:
+        structlog.configure(**old)
+        logs._threshold = threshold
